@@ -1,0 +1,177 @@
+"""Run configuration: frozen dataclasses, filled from a TOML file and `--key value` flags.
+
+    out_dir = "runs/my_sft"          # top-level keys: RunConfig's own fields
+    [model]                          # one table per concern: ModelConfig, DataConfig, TrainConfig
+    dim = 256
+    [train]
+    lr = 3e-4
+
+On the command line a key is `--section.key value` (`--train.lr 3e-4`), or just `--key value`
+when the name is unique (`--lr 3e-4`). Every mistake — an unknown key, a value of the wrong type,
+a value the dataclass refuses — raises `ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minisft.model import ModelConfig
+from minisft.train import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake; the message is meant to be printed as is."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_file: str = ""  # JSONL, one {"messages": [{"role", "content"}, ...]} per line
+    eval_file: str = ""  # same format; held-out loss is reported on it ("" = none)
+    tokenizer: str = ""  # a tokenizer.json, or a folder with tokenizer.json + tokenizer_config.json
+    max_seq_len: int = 512  # longer examples are dropped and counted, never silently cut
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out_dir: str = "runs/sft"  # metrics.jsonl, config.toml and checkpoints/ go here
+    kernels: str = "auto"  # "torch", or "auto": the fastest backend available on the device
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = ("model", "data", "train")
+
+
+def _fields(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _all_keys() -> dict[str, type]:
+    """Every dotted key ('train.lr') and top-level key ('out_dir') with its type."""
+    keys: dict[str, type] = {}
+    for name, kind in _fields(RunConfig).items():
+        if name in SECTIONS:
+            keys.update({f"{name}.{sub}": sub_kind for sub, sub_kind in _fields(kind).items()})
+        else:
+            keys[name] = kind
+    return keys
+
+
+def _unknown(key: str, keys: dict[str, type]) -> ConfigError:
+    close = difflib.get_close_matches(key, list(keys), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _convert(key: str, value: Any, kind: type) -> Any:
+    """Coerce a TOML value or a command-line string to the field's type, or say why not."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        if kind is bool:
+            if text not in ("true", "false", "1", "0"):
+                raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            return text in ("true", "1")
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _flatten(table: dict[str, Any], path: Path) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in table.items():
+        if isinstance(value, dict):
+            if name not in SECTIONS:
+                raise ConfigError(f"{path}: unknown table [{name}]; tables are {', '.join(SECTIONS)}")
+            flat.update({f"{name}.{sub}": sub_value for sub, sub_value in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--train.lr', '3e-4', '--steps=10'] -> {'train.lr': '3e-4', 'train.steps': '10'}."""
+    keys = _all_keys()
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --key value, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg} needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        if key not in keys:
+            matches = [k for k in keys if k.endswith("." + key)]
+            if len(matches) != 1:
+                raise ConfigError(f"ambiguous key '{key}': say one of {matches}") if matches else _unknown(key, keys)
+            key = matches[0]
+        overrides[key] = value
+    return overrides
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- TOML file <- command-line overrides, validated by the dataclasses."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            values.update(_flatten(tomllib.loads(path.read_text()), path))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    values.update(parse_overrides(overrides or []))
+    keys = _all_keys()
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    top: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in keys:
+            raise _unknown(key, keys)
+        converted = _convert(key, value, keys[key])
+        section, _, name = key.rpartition(".")
+        (sections[section] if section else top)[name] = converted
+    try:
+        built = {name: cls(**sections[name]) for name, cls in _fields(RunConfig).items() if name in SECTIONS}
+        return RunConfig(**top, **built)
+    except ValueError as err:  # the dataclasses' own checks name the key in their message
+        raise ConfigError(str(err)) from None
+
+
+def to_toml(config: RunConfig) -> str:
+    """The config as a TOML file that `load_config` reads back to the same object."""
+
+    def line(name: str, value: Any) -> str:
+        if isinstance(value, bool):
+            return f"{name} = {str(value).lower()}"
+        if isinstance(value, str):
+            # A JSON string is a TOML basic string, once non-ASCII is kept as is (TOML has no
+            # surrogate-pair escapes) and DEL, which JSON leaves bare, is escaped.
+            text = json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+            return f"{name} = {text}"
+        return f"{name} = {value!r}"
+
+    lines = [line(f.name, getattr(config, f.name)) for f in dataclasses.fields(config) if f.name not in SECTIONS]
+    for section in SECTIONS:
+        part = getattr(config, section)
+        lines += ["", f"[{section}]"] + [line(f.name, getattr(part, f.name)) for f in dataclasses.fields(part)]
+    return "\n".join(lines) + "\n"
