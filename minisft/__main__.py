@@ -68,7 +68,7 @@ def train_command(config: RunConfig) -> None:
     (out / "config.toml").write_text(to_toml(config))
     torch.manual_seed(config.train.seed)
     model = Transformer(config.model, kernels=pick_kernels(config.kernels, device)).to(device)
-    print(f"model: {config.model.num_params() / 1e6:.1f}M parameters on {device}, kernels={model.kernels}")
+    print(f"model: {config.model.num_params() / 1e6:.2f}M parameters on {device}, kernels={model.kernels}")
     train_loop(model, train_set, eval_sets, config.train, tokenizer.pad_id, out)
     final = save_model(out / "checkpoints" / "final", model, tokenizer, chat.name)
     print(f"saved {final}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minisft.model import ModelConfig
+from minisft.model import ATTENTION_BACKENDS, ModelConfig
 from minisft.train import TrainConfig
 
 
@@ -46,6 +46,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        choices = ("auto", *ATTENTION_BACKENDS)
+        if self.kernels not in choices:
+            raise ValueError(f"kernels: unknown backend {self.kernels!r}; available here: {', '.join(choices)}")
+
 
 SECTIONS = ("model", "data", "train")
 
@@ -67,7 +72,10 @@ def _all_keys() -> dict[str, type]:
 
 
 def _unknown(key: str, keys: dict[str, type]) -> ConfigError:
-    close = difflib.get_close_matches(key, list(keys), n=1)
+    by_name = {k.rpartition(".")[2]: k for k in keys}  # so a bare '--stepz' finds 'train.steps'
+    close = difflib.get_close_matches(key, list(keys), n=1) or [
+        by_name[name] for name in difflib.get_close_matches(key, list(by_name), n=1)
+    ]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
 

@@ -13,6 +13,7 @@ Everything is seeded: two runs print the same numbers.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from minisft.chat import ChatML, render_text
+from minisft.chat import ChatML, Example, render_text
 from minisft.checkpoint import save_model
 from minisft.generate import generate_greedy
 from minisft.model import ModelConfig, Transformer
@@ -100,17 +101,28 @@ def conversation(task: Task, x: str, y: str | None = None) -> list[dict[str, str
     return turns + ([{"role": "assistant", "content": y}] if y is not None else [])
 
 
-def exact_match(model: Transformer, chat: ChatML, items: list[tuple[Task, str, str]]) -> tuple[float, list[str]]:
-    """Share of held-out instructions answered exactly, greedy decoding; and the answers."""
-    tokenizer = chat.tokenizer
+def answer_all(model: Transformer, chat: ChatML, items: list[tuple[Task, str, str]]) -> list[str]:
+    """Greedy answers to the items' instructions, rendered as chat prompts."""
     prompts = [chat.render_prompt(conversation(task, x)) for task, x, _ in items]
     model.eval()
     outputs = []
     for start in range(0, len(prompts), 100):
-        outputs += generate_greedy(model, prompts[start : start + 100], 16, {chat.end_id, tokenizer.eos_id})
-    answers = [tokenizer.decode(ids).strip() for ids in outputs]
-    hits = sum(answer == y for answer, (_, _, y) in zip(answers, items, strict=True))
-    return hits / len(items), answers
+        outputs += generate_greedy(model, prompts[start : start + 100], 16, {chat.end_id, chat.tokenizer.eos_id})
+    return [chat.tokenizer.decode(ids).strip() for ids in outputs]
+
+
+def exact_match(answers: list[str], items: list[tuple[Task, str, str]]) -> dict[str, float]:
+    """Share of answers equal to the expected one: overall ("exact_match") and per task."""
+    hits: dict[str, list[bool]] = {}
+    for answer, (task, _, y) in zip(answers, items, strict=True):
+        hits.setdefault("exact_match", []).append(answer == y)
+        hits.setdefault(f"exact_match/{task.name}", []).append(answer == y)
+    return {key: sum(values) / len(values) for key, values in hits.items()}
+
+
+def write_jsonl(path: Path, conversations: list[list[dict[str, str]]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"messages": turns}) + "\n" for turns in conversations))
 
 
 def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, float]:
@@ -140,6 +152,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, float]:
     )
 
     out = Path(cfg.out_dir)
+    write_jsonl(out / "data" / "sft_train.jsonl", chats)  # what SFT trains on, for a reader to open
+    write_jsonl(out / "data" / "sft_heldout.jsonl", [conversation(*item) for item in heldout])
     model = Transformer(model_cfg)
     print(f"model: {model_cfg.num_params() / 1e6:.2f}M parameters")
     print("stage 1: pre-train on plain text")
@@ -156,17 +170,25 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, float]:
     tuned = measure(model, chat, heldout, sft_train, sft_eval, text_eval, cfg)
 
     print_table(base, tuned)
-    _, answers = exact_match(model, chat, heldout[:2])
+    answers = answer_all(model, chat, heldout[:2])
     for (task, x, _), answer in zip(heldout[:2], answers, strict=True):
         print(f"\nuser: {task.instruction.format(x=x)}\nassistant: {answer}")
     print(f"\nmodels saved in {out}/pretrain/model and {out}/sft/model; took {time.perf_counter() - t0:.0f} s")
     return {f"base_{k}": v for k, v in base.items()} | {f"sft_{k}": v for k, v in tuned.items()}
 
 
-def measure(model, chat, heldout, sft_train, sft_eval, text_eval, cfg: DemoConfig) -> dict[str, float]:
+def measure(
+    model: Transformer,
+    chat: ChatML,
+    heldout: list[tuple[Task, str, str]],
+    sft_train: list[Example],
+    sft_eval: list[Example],
+    text_eval: list[Example],
+    cfg: DemoConfig,
+) -> dict[str, float]:
+    """Exact match (overall, per task) and the three losses the table reports."""
     pad, bs = chat.tokenizer.pad_id, cfg.sft.eval_batch_size
-    return {
-        "exact_match": exact_match(model, chat, heldout)[0],
+    return exact_match(answer_all(model, chat, heldout), heldout) | {
         "sft_train_loss": evaluate(model, sft_train[: len(sft_eval)], pad, bs),
         "sft_heldout_loss": evaluate(model, sft_eval, pad, bs),
         "plain_text_loss": evaluate(model, text_eval, pad, bs),
@@ -176,10 +198,11 @@ def measure(model, chat, heldout, sft_train, sft_eval, text_eval, cfg: DemoConfi
 def print_table(base: dict[str, float], tuned: dict[str, float]) -> None:
     rows = [
         ("held-out exact match", "exact_match", "instruction following", "{:.1%}"),
+        *[(f"  {task.name}", f"exact_match/{task.name}", "", "{:.1%}") for task in TASKS],
         ("SFT loss, train", "sft_train_loss", "", "{:.3f}"),
         ("SFT loss, held-out", "sft_heldout_loss", "gap to train = overfitting", "{:.3f}"),
         ("plain-text loss, held-out", "plain_text_loss", "rise = forgetting", "{:.3f}"),
     ]
     print(f"\n{'':27}{'base':>10}{'after SFT':>12}   what it shows")
     for name, key, meaning, fmt in rows:
-        print(f"{name:27}{fmt.format(base[key]):>10}{fmt.format(tuned[key]):>12}   {meaning}")
+        print(f"{name:27}{fmt.format(base[key]):>10}{fmt.format(tuned[key]):>12}   {meaning}".rstrip())

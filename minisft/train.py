@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from minisft.chat import Example
 from minisft.loss import count_trained_tokens
@@ -123,6 +124,27 @@ class Progress:
         print(("\r" if self.live else "") + line, end=end, file=sys.stderr, flush=True)
 
 
+def optimizer_step(
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    batches: list[tuple[Tensor, Tensor]],
+    num_trained: int,
+    grad_clip: float,
+) -> tuple[Tensor, Tensor]:
+    """Accumulate Σ loss / num_trained over the micro-batches, clip, step. -> (loss, grad norm)."""
+    device = model.embed_tokens.weight.device
+    step_loss = torch.zeros((), device=device)
+    for input_ids, labels in batches:
+        with autocast(device):
+            loss = model.loss(input_ids.to(device), labels.to(device), num_trained)
+        loss.backward()
+        step_loss += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
 def train_loop(
     model: Transformer,
     train_set: list[Example],
@@ -132,8 +154,11 @@ def train_loop(
     run_dir: str | Path,
     label: str = "train",
 ) -> dict[str, float]:
-    """Train in place; append every logged number to run_dir/metrics.jsonl; return the last eval."""
-    device = model.embed_tokens.weight.device
+    """Train in place; append every logged number to run_dir/metrics.jsonl; return the last eval.
+
+    A step whose batches hold no trained token is skipped — AdamW's decay and momentum would still
+    move the weights — and logged, warned about and counted (`skipped_steps` in the result).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -142,6 +167,7 @@ def train_loop(
     progress = Progress(cfg.steps, label)
     model.train()
     last_eval: dict[str, float] = {}
+    skipped = 0
     tokens_since_log, log_clock = 0, time.perf_counter()
     with open(run_dir / "metrics.jsonl", "a") as metrics:
 
@@ -153,26 +179,23 @@ def train_loop(
             batches = [pad_batch(next(stream), pad_id) for _ in range(cfg.grad_accum)]
             num_trained = sum(count_trained_tokens(labels) for _, labels in batches)
             lr = learning_rate(step - 1, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for input_ids, labels in batches:
-                with autocast(device):
-                    loss = model.loss(input_ids.to(device), labels.to(device), num_trained)
-                loss.backward()
-                step_loss += loss.detach()
-                tokens_since_log += int((input_ids != pad_id).sum())  # real tokens, pads excluded
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if num_trained == 0:
+                skipped += 1
+                log({"step": step, "skipped": "no trained tokens in this step's batches"})
+                print(f"{label}: step {step} skipped: its batches hold no trained token", file=sys.stderr)
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss, grad_norm = optimizer_step(model, optimizer, batches, num_trained, cfg.grad_clip)
+                tokens_since_log += sum(int((ids != pad_id).sum()) for ids, _ in batches)  # pads excluded
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if num_trained and (step % cfg.log_every == 0 or step == cfg.steps):
                 now = time.perf_counter()
                 tokens_per_s = tokens_since_log / (now - log_clock)
                 record = {
                     "step": step,
-                    "train_loss": step_loss.item(),
-                    "lr": lr,  # .item(): the sync point
+                    "train_loss": step_loss.item(),  # .item() waits for the GPU: the loop's only sync
+                    "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "trained_tokens": num_trained,
                     "tokens_per_s": tokens_per_s,
@@ -185,4 +208,4 @@ def train_loop(
                     name: evaluate(model, examples, pad_id, cfg.eval_batch_size) for name, examples in eval_sets.items()
                 }
                 log({"step": step, **{f"eval_loss/{name}": value for name, value in last_eval.items()}})
-    return last_eval
+    return last_eval | {"skipped_steps": skipped}

@@ -142,6 +142,8 @@ def test_file_errors_name_the_key(tmp_path, text, needles):
         (["--train.steps", "0"], ["train.steps must be at least 1, got 0"]),
         (["--train.lr", "-1"], ["train.lr must be positive"]),
         (["--model.dim", "30"], ["model.dim=30 must be divisible by model.n_heads=4"]),
+        (["--stepz", "3"], ["'stepz'", "did you mean 'train.steps'"]),
+        (["--kernels", "cuda"], ["kernels: unknown backend 'cuda'", "auto, torch"]),
     ],
 )
 def test_command_line_errors_name_the_key(args, needles):

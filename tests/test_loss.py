@@ -12,15 +12,7 @@ from minisft.loss import count_trained_tokens, masked_lm_loss
 from minisft.model import ModelConfig, Transformer
 from minisft.packing import pad_batch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Matmuls this small are fastest on one thread, and one thread never stalls in OpenMP barriers
-    when other processes hold the cores (two threads made this file ~30x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V, DIM = 50, 16

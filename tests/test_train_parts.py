@@ -16,15 +16,7 @@ from minisft.packing import pad_batch
 from minisft.tokenizer import Tokenizer
 from minisft.train import TrainConfig, evaluate, example_stream, learning_rate, train_loop
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Matmuls this small are fastest on one thread, and one thread never stalls in OpenMP barriers
-    when other processes hold the cores (two threads made this file ~30x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(vocab_size=64, seed=0, scale=None, **overrides) -> Transformer:

@@ -1,0 +1,11 @@
+# Sourced by demo.sh and test.sh: create .venv if missing, install minisft into it, activate it.
+# torch is pinned first: an unpinned `pip install torch` pulls several GB of CUDA wheels, while
+# torch==2.13.0 is the CPU build (and on a GPU machine the torch already installed is kept).
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+source .venv/bin/activate
+if ! python -c "import torch" 2>/dev/null; then
+    pip install --quiet "torch==2.13.0"
+fi
+pip install --quiet -e ".[test]"
