@@ -30,8 +30,15 @@ def token_loss_sum_torch(hidden: Tensor, head_weight: Tensor, labels: Tensor) ->
     return F.cross_entropy(logits.float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-# Name -> Σ-loss function with the signature above. The Triton kernel adds itself here.
-LOSS_BACKENDS = {"torch": token_loss_sum_torch}
+def token_loss_sum_triton(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
+    """The same sum by the fused linear + cross-entropy kernel: the (N, V) logits never exist."""
+    from triton_kernels.cross_entropy import linear_cross_entropy  # imported on use: triton is heavy
+
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head_weight, labels.reshape(-1), "sum")
+
+
+# Name -> Σ-loss function with the signature above (the model's `kernels` picks one).
+LOSS_BACKENDS = {"torch": token_loss_sum_torch, "triton": token_loss_sum_triton}
 
 
 def masked_lm_loss(

@@ -116,8 +116,10 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.transpose(1, 2)
 
 
-# Name -> causal attention function. The Triton kernel adds itself here when it exists.
-ATTENTION_BACKENDS = {"torch": attention_torch}
+# Name -> causal attention function (the model's `kernels` picks one, and the loss with it).
+# "triton" uses SDPA for attention until the Triton flash-attention kernel lands; its loss is
+# the fused linear + cross-entropy kernel of triton_kernels/cross_entropy.py.
+ATTENTION_BACKENDS = {"torch": attention_torch, "triton": attention_torch}
 
 
 class Attention(nn.Module):

@@ -1,0 +1,200 @@
+"""Triton cross-entropy and fused linear + cross-entropy against PyTorch, forward and backward.
+
+On the CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so the
+shapes stay small; the `gpu` tests repeat the comparison at real shapes where a GPU is present
+(`scripts/gpu_suite.sh` runs them with the interpreter off).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from triton_kernels.cross_entropy import (
+    _chunk_rows,
+    cross_entropy,
+    cross_entropy_reference,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU with TRITON_INTERPRET unset")
+
+# Gradients are stored in the logits' dtype: compare against the fp32 reference rounded the same way.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_inputs(rows, vocab, dtype, device="cpu", ignored=(), scale=3.0, offset=0.0):
+    logits = (torch.randn(rows, vocab, device=device) * scale + offset).to(dtype)
+    labels = torch.randint(0, vocab, (rows,), device=device)
+    labels[list(ignored)] = -100
+    return logits, labels
+
+
+def run_both(logits, labels, reduction, upstream=None):
+    """-> (ours: loss, grad), (torch fp32: loss, grad) for the same logits and upstream gradient."""
+    ours_in = logits.detach().clone().requires_grad_()
+    ref_in = logits.detach().float().clone().requires_grad_()
+    ours = cross_entropy(ours_in, labels, reduction, keep_logits=True)
+    ref = F.cross_entropy(ref_in, labels, reduction=reduction)
+    if upstream is None:
+        upstream = torch.randn_like(ref) if reduction == "none" else torch.tensor(1.0, device=ref.device)
+    ours.backward(upstream)
+    ref.backward(upstream)
+    return (ours, ours_in.grad), (ref, ref_in.grad)
+
+
+def assert_matches(ours, ref, dtype):
+    (loss, grad), (ref_loss, ref_grad) = ours, ref
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)  # the loss is exact fp32 maths
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(grad.float(), ref_grad.to(dtype).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("rows, vocab", [(1, 17), (6, 1000), (3, 5000)])  # 5000 > one 4096-wide block
+def test_cross_entropy_matches_torch(dtype, reduction, rows, vocab):
+    logits, labels = make_inputs(rows, vocab, dtype, ignored=[0] if rows > 1 else [])
+    ours, ref = run_both(logits, labels, reduction)
+    assert_matches(ours, ref, dtype)
+    torch.testing.assert_close(ours[0], cross_entropy_reference(logits, labels, reduction), atol=1e-5, rtol=1e-5)
+
+
+def test_upstream_gradient_scales_the_stored_gradient():
+    logits, labels = make_inputs(4, 300, torch.float32, ignored=[1])
+    assert_matches(*run_both(logits, labels, "mean", upstream=torch.tensor(0.37)), torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored_gives_zero_loss_and_zero_gradient(reduction):
+    logits, labels = make_inputs(5, 300, torch.float32, ignored=range(5))
+    ours, ref = run_both(logits, labels, "sum" if reduction == "mean" else reduction)
+    loss = cross_entropy(logits.clone().requires_grad_(), labels, reduction).detach()
+    assert torch.isfinite(loss).all() and float(loss.sum()) == 0.0  # torch's own "mean" gives NaN here
+    assert float(ours[1].abs().sum()) == 0.0
+    assert_matches(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("offset", [1e4, -1e4])
+def test_extreme_logits_stay_finite(offset):
+    logits, labels = make_inputs(4, 700, torch.float32, offset=offset)
+    logits[0, labels[0]] += 500.0  # one row dominated by its label
+    logits[1, (labels[1] + 1) % 700] += 500.0  # one row where the label has ~0 probability
+    (loss, grad), (ref_loss, ref_grad) = run_both(logits, labels, "sum")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ref_loss)
+    # fp32 numbers near 1e4 are 1e-3 apart, so z - lse (and both gradients) carry errors of that size.
+    torch.testing.assert_close(grad, ref_grad, atol=2e-3, rtol=2e-3)
+
+
+def test_default_overwrites_logits_with_their_gradient():
+    logits, labels = make_inputs(3, 260, torch.float32)
+    expected = F.softmax(logits, dim=1) - F.one_hot(labels, 260)
+    buffer = logits.clone().requires_grad_()
+    cross_entropy(buffer, labels, "sum").backward()
+    torch.testing.assert_close(buffer.detach(), expected)  # the memory saving: no second N x V buffer
+    torch.testing.assert_close(buffer.grad, expected)
+
+
+def test_interpreter_off_on_cpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    logits, labels = make_inputs(2, 10, torch.float32)
+    with pytest.raises(RuntimeError, match="need a CUDA tensor.*kernels='torch'"):
+        cross_entropy(logits, labels)
+
+
+def linear_both(hidden, weight, labels, reduction):
+    ours_h, ours_w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
+    ref_h, ref_w = (t.detach().float().clone().requires_grad_() for t in (hidden, weight))
+    ours = linear_cross_entropy(ours_h, ours_w, labels, reduction)
+    ref = F.cross_entropy(ref_h @ ref_w.T, labels, reduction=reduction)
+    ours.backward()
+    ref.backward()
+    return (ours, ours_h.grad, ours_w.grad), (ref, ref_h.grad, ref_w.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("rows, dim, vocab", [(37, 16, 300), (1, 8, 50), (20, 32, 33)])
+def test_linear_cross_entropy_matches_torch(reduction, rows, dim, vocab):
+    hidden, weight = torch.randn(rows, dim), torch.randn(vocab, dim) / dim**0.5
+    labels = torch.randint(0, vocab, (rows,))
+    labels[: rows // 4] = -100
+    (loss, grad_h, grad_w), (ref, ref_h, ref_w) = linear_both(hidden, weight, labels, reduction)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_h, ref_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_w, ref_w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, linear_cross_entropy_reference(hidden, weight, labels, reduction))
+
+
+def test_linear_cross_entropy_works_in_several_chunks():
+    assert _chunk_rows(37, 300, 16) == 2  # 300 / 16 -> 19 chunks of 2 rows: the multi-chunk path runs
+    # A real shape: 4096 / ceil(128256 / 2048) = 65.01 -> 128 rows, logits ~2x the hidden states' size.
+    assert _chunk_rows(4096, 128256, 2048) == 128
+    assert _chunk_rows(5, 10, 64) == 5  # a vocabulary narrower than the hidden size: one chunk
+
+
+def test_linear_cross_entropy_all_ignored_and_bf16():
+    hidden, weight = torch.randn(9, 16), torch.randn(40, 16)
+    labels = torch.full((9,), -100)
+    (loss, grad_h, grad_w), _ = linear_both(hidden, weight, labels, "mean")
+    assert float(loss.detach()) == 0.0 and float(grad_h.abs().sum()) == 0.0 and float(grad_w.abs().sum()) == 0.0
+    labels = torch.randint(0, 40, (9,))
+    (loss, grad_h, grad_w), (ref, ref_h, ref_w) = linear_both(hidden.bfloat16(), weight.bfloat16(), labels, "sum")
+    assert grad_h.dtype == torch.bfloat16 and grad_w.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref, atol=0.05, rtol=2e-2)  # bf16 logits from a bf16 matmul
+    torch.testing.assert_close(grad_h.float(), ref_h, atol=0.05, rtol=2e-2)
+    torch.testing.assert_close(grad_w.float(), ref_w, atol=0.05, rtol=2e-2)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_step_with_triton_backend_equals_torch_backend():
+    from minisft.model import ModelConfig, Transformer
+    from minisft.train import optimizer_step
+
+    config = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+    models = {}
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        models[kernels] = Transformer(config, kernels=kernels)
+    input_ids = torch.randint(0, 97, (3, 11))
+    labels = torch.randint(0, 97, (3, 11))
+    labels[0, :5] = -100
+    labels[2] = -100
+    num_trained = int((labels != -100).sum())
+    losses, norms = {}, {}
+    for kernels, model in models.items():
+        # SGD, not AdamW: Adam's g / sqrt(v) turns a 1e-9 difference in a ~0 gradient into a full step.
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        batches = [(input_ids[:2], labels[:2]), (input_ids[2:], labels[2:])]  # accumulation, as in training
+        losses[kernels], norms[kernels] = optimizer_step(model, optimizer, batches, num_trained, grad_clip=1.0)
+    torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(norms["triton"], norms["torch"], atol=1e-6, rtol=1e-6)
+    for (name, p_torch), p_triton in zip(
+        models["torch"].named_parameters(), models["triton"].parameters(), strict=True
+    ):
+        assert torch.allclose(p_triton, p_torch, atol=1e-6, rtol=1e-5), name
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows, vocab", [(4096, 32000), (1024, 128256), (333, 151669)])
+def test_cross_entropy_matches_torch_on_gpu(dtype, rows, vocab):
+    logits, labels = make_inputs(rows, vocab, dtype, device="cuda", ignored=range(0, rows, 7))
+    for reduction in ("mean", "sum"):
+        assert_matches(*run_both(logits, labels, reduction), dtype)
+
+
+@gpu
+def test_linear_cross_entropy_matches_torch_on_gpu():
+    hidden = torch.randn(2048, 1024, device="cuda")
+    weight = torch.randn(50257, 1024, device="cuda") / 32
+    labels = torch.randint(0, 50257, (2048,), device="cuda")
+    labels[::5] = -100
+    (loss, grad_h, grad_w), (ref, ref_h, ref_w) = linear_both(hidden, weight, labels, "mean")
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-4)  # TF32 may round the matmuls
+    torch.testing.assert_close(grad_h, ref_h, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(grad_w, ref_w, atol=1e-5, rtol=1e-3)
