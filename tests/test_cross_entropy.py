@@ -21,12 +21,17 @@ from triton_kernels.cross_entropy import (
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU with TRITON_INTERPRET unset")
+DEVICE = "cuda" if ON_GPU else "cpu"  # the small-shape tests run compiled kernels too where a GPU is
+pytestmark = pytest.mark.skipif(
+    not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="no GPU, and TRITON_INTERPRET is off, so the kernels cannot run here",
+)
 
 # Gradients are stored in the logits' dtype: compare against the fp32 reference rounded the same way.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def make_inputs(rows, vocab, dtype, device="cpu", ignored=(), scale=3.0, offset=0.0):
+def make_inputs(rows, vocab, dtype, device=DEVICE, ignored=(), scale=3.0, offset=0.0):
     logits = (torch.randn(rows, vocab, device=device) * scale + offset).to(dtype)
     labels = torch.randint(0, vocab, (rows,), device=device)
     labels[list(ignored)] = -100
@@ -41,6 +46,7 @@ def run_both(logits, labels, reduction, upstream=None):
     ref = F.cross_entropy(ref_in, labels, reduction=reduction)
     if upstream is None:
         upstream = torch.randn_like(ref) if reduction == "none" else torch.tensor(1.0, device=ref.device)
+    upstream = upstream.to(ref.device)
     ours.backward(upstream)
     ref.backward(upstream)
     return (ours, ours_in.grad), (ref, ref_in.grad)
@@ -93,7 +99,7 @@ def test_extreme_logits_stay_finite(offset):
 
 def test_default_overwrites_logits_with_their_gradient():
     logits, labels = make_inputs(3, 260, torch.float32)
-    expected = F.softmax(logits, dim=1) - F.one_hot(labels, 260)
+    expected = F.softmax(logits, dim=1) - F.one_hot(labels, 260).float()
     buffer = logits.clone().requires_grad_()
     cross_entropy(buffer, labels, "sum").backward()
     torch.testing.assert_close(buffer.detach(), expected)  # the memory saving: no second N x V buffer
@@ -102,7 +108,7 @@ def test_default_overwrites_logits_with_their_gradient():
 
 def test_interpreter_off_on_cpu_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    logits, labels = make_inputs(2, 10, torch.float32)
+    logits, labels = make_inputs(2, 10, torch.float32, device="cpu")
     with pytest.raises(RuntimeError, match="need a CUDA tensor.*kernels='torch'"):
         cross_entropy(logits, labels)
 
@@ -120,8 +126,8 @@ def linear_both(hidden, weight, labels, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("rows, dim, vocab", [(37, 16, 300), (1, 8, 50), (20, 32, 33)])
 def test_linear_cross_entropy_matches_torch(reduction, rows, dim, vocab):
-    hidden, weight = torch.randn(rows, dim), torch.randn(vocab, dim) / dim**0.5
-    labels = torch.randint(0, vocab, (rows,))
+    hidden, weight = torch.randn(rows, dim, device=DEVICE), torch.randn(vocab, dim, device=DEVICE) / dim**0.5
+    labels = torch.randint(0, vocab, (rows,), device=DEVICE)
     labels[: rows // 4] = -100
     (loss, grad_h, grad_w), (ref, ref_h, ref_w) = linear_both(hidden, weight, labels, reduction)
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
@@ -138,11 +144,11 @@ def test_linear_cross_entropy_works_in_several_chunks():
 
 
 def test_linear_cross_entropy_all_ignored_and_bf16():
-    hidden, weight = torch.randn(9, 16), torch.randn(40, 16)
-    labels = torch.full((9,), -100)
+    hidden, weight = torch.randn(9, 16, device=DEVICE), torch.randn(40, 16, device=DEVICE)
+    labels = torch.full((9,), -100, device=DEVICE)
     (loss, grad_h, grad_w), _ = linear_both(hidden, weight, labels, "mean")
     assert float(loss.detach()) == 0.0 and float(grad_h.abs().sum()) == 0.0 and float(grad_w.abs().sum()) == 0.0
-    labels = torch.randint(0, 40, (9,))
+    labels = torch.randint(0, 40, (9,), device=DEVICE)
     (loss, grad_h, grad_w), (ref, ref_h, ref_w) = linear_both(hidden.bfloat16(), weight.bfloat16(), labels, "sum")
     assert grad_h.dtype == torch.bfloat16 and grad_w.dtype == torch.bfloat16
     torch.testing.assert_close(loss, ref, atol=0.05, rtol=2e-2)  # bf16 logits from a bf16 matmul
@@ -159,9 +165,9 @@ def test_training_step_with_triton_backend_equals_torch_backend():
     models = {}
     for kernels in ("torch", "triton"):
         torch.manual_seed(0)
-        models[kernels] = Transformer(config, kernels=kernels)
-    input_ids = torch.randint(0, 97, (3, 11))
-    labels = torch.randint(0, 97, (3, 11))
+        models[kernels] = Transformer(config, kernels=kernels).to(DEVICE)
+    input_ids = torch.randint(0, 97, (3, 11), device=DEVICE)
+    labels = torch.randint(0, 97, (3, 11), device=DEVICE)
     labels[0, :5] = -100
     labels[2] = -100
     num_trained = int((labels != -100).sum())

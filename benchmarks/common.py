@@ -1,0 +1,86 @@
+"""Shared by the benchmark scripts: device facts, timing, peak memory, and where results go.
+
+Every number a benchmark reports is measured in the same run as the numbers it is compared to,
+on the same device; the copy bandwidth that percentages refer to is measured too, not assumed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Dense bf16 tensor-core peak without sparsity, TFLOP/s: the yardstick for matmul-bound work.
+BF16_PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0, "A100": 312.0}
+
+
+def require_cuda(name: str) -> None:
+    """Benchmarks time GPU kernels: on a machine without one, say so and exit successfully."""
+    if not torch.cuda.is_available():
+        print(f"{name}: no CUDA device here; this benchmark times GPU kernels, so there is nothing to measure.")
+        sys.exit(0)
+
+
+def device_facts() -> dict:
+    import triton
+
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    return {
+        "device": name,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "bf16_peak_tflops": peak,
+        "copy_gb_per_s": measure_copy_bandwidth(),
+    }
+
+
+def time_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
+    """Median milliseconds of fn() (triton's do_bench: L2 flushed between runs)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def measure_copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device-to-device copy (read + write counted): the memory roofline here."""
+    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def peak_memory_gib(fn: Callable[[], object]) -> float:
+    """Peak memory allocated during one fn() beyond what was allocated before it, in GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def save_results(name: str, facts: dict, rows: list[dict], table: str) -> None:
+    """Write benchmarks/results/<name>.json (machine-readable) and <name>.md (the table)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({**facts, "rows": rows}, indent=2) + "\n")
+    header = ", ".join(f"{k} {v}" for k, v in facts.items())
+    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n")
+    print(f"wrote {RESULTS / name}.json and .md")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

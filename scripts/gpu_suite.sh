@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command: the whole test suite with the Triton kernels
+# compiled for real (TRITON_INTERPRET=0; kernel tests then run on CUDA, GPU-only tests included),
+# then every benchmark. Results land in benchmarks/results/ — each benchmark's .json/.md carries
+# device, versions and date — plus gpu_env.txt and gpu_tests.txt. Commit them.
+#
+#   scripts/gpu_suite.sh [COPY_TO]     # e.g. on the device tool: scripts/gpu_suite.sh "$OUT"
+#
+# Uses the machine's own torch/triton (no install: GPU machines may have no network).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+results=benchmarks/results
+mkdir -p "$results"
+status=0
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+} > "$results/gpu_env.txt" 2>&1
+python -m pytest -m "slow or not slow" -q -rs tests 2>&1 | tee "$results/gpu_tests.txt" || status=1
+for bench in benchmarks/bench_*.py; do
+    python "$bench" 2>&1 | tee "$results/$(basename "$bench" .py).log" || status=1
+done
+if [ $# -ge 1 ]; then
+    cp -r "$results"/. "$1"/
+fi
+exit $status
