@@ -90,29 +90,41 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles, each (T, head_dim), for positions (T,).
+    """cos and sin of the rotation angles, each (..., T, head_dim), for positions (..., T).
 
     Pair i of a head rotates by position · theta^(-2i/head_dim) (RoFormer eq. 15). The halves
     layout (`rotate_half`) is the one Hugging Face Llama checkpoints are trained with.
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, head_dim)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, T, H, D) by the angles in cos/sin (T, D)."""
+    """Rotate x (B, T, H, D) by the angles in cos/sin, (T, D) or (B, T, D)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated_half = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
     return (x.float() * cos + rotated_half.float() * sin).to(x.dtype)
 
 
-def attention_torch(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention with PyTorch SDPA. q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D)."""
+def attention_torch(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    """Causal attention with PyTorch SDPA. q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D).
+
+    With document_ids (B, T), a packed row's token attends only to earlier tokens of its own
+    document — through an explicit (B, 1, T, T) mask, which is what the Triton kernel avoids.
+    """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants (B, H, T, D)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+    gqa = k.shape[1] != q.shape[1]
+    if document_ids is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        T = q.shape[2]
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        same_document = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+        mask = (causal & same_document)[:, None]  # (B, 1, T, T)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
@@ -132,13 +144,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend, document_ids: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attend(q, k, v)  # (B, T, H, D)
+        out = attend(q, k, v, document_ids)  # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -165,8 +177,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend, document_ids: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, document_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -212,23 +224,37 @@ class Transformer(nn.Module):
         """The (V, dim) output projection: the embedding matrix itself when tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """input_ids (B, T) -> final-normed hidden states (B, T, dim)."""
+    def forward(
+        self, input_ids: Tensor, position_ids: Tensor | None = None, document_ids: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (B, T) -> final-normed hidden states (B, T, dim).
+
+        A packed row passes position_ids (B, T), restarting at 0 for each document so RoPE sees
+        what an unpacked run sees, and document_ids (B, T), so attention stays inside a document.
+        """
         T = input_ids.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
-        positions = torch.arange(T, device=input_ids.device)
+        positions = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         attend = ATTENTION_BACKENDS[self.kernels]
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, attend)
+            x = layer(x, cos, sin, attend, document_ids)
         return self.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(B, T, dim) -> (B, T, V). Only generation needs these; training never holds them all."""
         return hidden @ self.head_weight.T
 
-    def loss(self, input_ids: Tensor, labels: Tensor, num_trained_tokens: int) -> Tensor:
+    def loss(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        num_trained_tokens: int,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
         """Masked next-token loss; labels are already shifted, -100 where no loss is taken."""
-        return masked_lm_loss(self(input_ids), self.head_weight, labels, num_trained_tokens, backend=self.kernels)
+        hidden = self(input_ids, position_ids, document_ids)
+        return masked_lm_loss(hidden, self.head_weight, labels, num_trained_tokens, backend=self.kernels)

@@ -187,3 +187,28 @@ def test_flops_per_token_hand_count(tie):
     assert cfg.flops_per_token(T) == 6 * (matmul + norms) + attention
     # The output head costs the same FLOPs whether or not it shares the embedding's storage.
     assert cfg.flops_per_token(T) == tiny_config(tie_embeddings=not tie).flops_per_token(T)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_packed_row_equals_each_document_alone(n_kv_heads):
+    """Three documents in one row, positions reset and attention kept per document, give the
+    hidden states and the parameter gradients of the three documents run one by one."""
+    model = randomize(Transformer(tiny_config(n_kv_heads=n_kv_heads)))
+    lengths = [5, 1, 7]
+    docs = [torch.randint(0, 64, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    document_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+
+    hidden = model(packed, position_ids, document_ids)
+    hidden.square().sum().backward()
+    packed_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    alone = torch.cat([model(doc) for doc in docs], dim=1)
+    alone.square().sum().backward()
+
+    torch.testing.assert_close(hidden, alone, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    # Without the document mask the second and third documents see the first: the guard matters.
+    assert not torch.allclose(model(packed, position_ids), alone, atol=1e-3)
