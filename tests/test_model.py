@@ -209,6 +209,7 @@ def test_packed_row_equals_each_document_alone(n_kv_heads):
 
     torch.testing.assert_close(hidden, alone, atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+        scale = float(p.grad.abs().max())  # the sum-of-squares loss makes gradients up to ~50
+        torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5 * scale, rtol=1e-5, msg=name)
     # Without the document mask the second and third documents see the first: the guard matters.
     assert not torch.allclose(model(packed, position_ids), alone, atol=1e-3)
