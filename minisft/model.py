@@ -128,10 +128,16 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None
     return out.transpose(1, 2)
 
 
-# Name -> causal attention function (the model's `kernels` picks one, and the loss with it).
-# "triton" uses SDPA for attention until the Triton flash-attention kernel lands; its loss is
-# the fused linear + cross-entropy kernel of triton_kernels/cross_entropy.py.
-ATTENTION_BACKENDS = {"torch": attention_torch, "triton": attention_torch}
+def attention_triton(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    """The same, by the Triton flash-attention kernel: no (T, T) mask or score matrix in memory."""
+    from triton_kernels.attention import attention  # imported on use: triton is heavy
+
+    return attention(q, k, v, document_ids)
+
+
+# Name -> causal attention function (the model's `kernels` picks one, and the loss with it:
+# see LOSS_BACKENDS in loss.py).
+ATTENTION_BACKENDS = {"torch": attention_torch, "triton": attention_triton}
 
 
 class Attention(nn.Module):

@@ -10,8 +10,34 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+
+def _fix_interpreter_bf16_dot() -> None:
+    """The Triton interpreter (3.6 to 3.9 at least) keeps bf16 values as their raw uint16 bits
+    and hands those bits to np.matmul, so every bf16 `tl.dot` returns garbage (~1e10) on the CPU.
+    Widen bf16 operands to fp32 first — exact, since bf16 is the top half of an fp32 — so the
+    interpreter computes what the GPU computes. Only the test harness is patched; the kernels
+    are the ones that run on a GPU."""
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        as_fp32 = (handle.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(as_fp32, tl.float32)
+
+    def create_dot(self, a, b, d, *args):
+        return original(self, widen(a), widen(b), d, *args)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+_fix_interpreter_bf16_dot()
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

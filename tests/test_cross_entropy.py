@@ -161,7 +161,7 @@ def test_training_step_with_triton_backend_equals_torch_backend():
     from minisft.model import ModelConfig, Transformer
     from minisft.train import optimizer_step
 
-    config = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+    config = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
     models = {}
     for kernels in ("torch", "triton"):
         torch.manual_seed(0)

@@ -1,0 +1,173 @@
+"""Triton flash attention against PyTorch, forward and backward: odd lengths, GQA, packed documents.
+
+On the CPU the kernels run in the Triton interpreter with 16-wide tiles, so T = 37 spans three
+query blocks and three key blocks; `gpu` tests repeat the comparison at real shapes on a GPU.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from triton_kernels.attention import attention, attention_reference, document_bounds
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = pytest.mark.skipif(
+    not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="no GPU, and TRITON_INTERPRET is off, so the kernels cannot run here",
+)
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU with TRITON_INTERPRET unset")
+
+# Outputs and gradients are rounded to the input dtype; the reference computes in fp32.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def make_qkv(B, T, H, Hkv, D, dtype, device=DEVICE):
+    shapes = [(B, T, H, D), (B, T, Hkv, D), (B, T, Hkv, D)]
+    return [torch.randn(shape, device=device).to(dtype).requires_grad_() for shape in shapes]
+
+
+def document_ids(lengths, B=1, device=DEVICE):
+    ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    return ids[None].expand(B, -1).contiguous().to(device)
+
+
+def forward_backward(fn, q, k, v, docs, upstream):
+    for t in (q, k, v):
+        t.grad = None
+    out = fn(q, k, v, docs)
+    out.backward(upstream)
+    return [out.detach()] + [t.grad.detach().clone() for t in (q, k, v)]
+
+
+def sdpa(q, k, v, docs):
+    """PyTorch's own attention (math backend on a CPU), on the same (B, T, H, D) layout."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = kt.shape[1] != qt.shape[1]
+    if docs is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+    else:
+        T = q.shape[1]
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() & (docs[:, :, None] == docs[:, None, :])
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def assert_close_per_dtype(ours, ref, dtype):
+    tol = TOLERANCE[dtype]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref, strict=True):
+        assert a.dtype == dtype, name
+        scale = max(1.0, float(b.float().abs().max()))
+        torch.testing.assert_close(a.float(), b.float(), atol=tol * scale, rtol=tol, msg=name)
+
+
+CASES = [  # B, T, H, Hkv, D, document lengths (None: one causal sequence per row)
+    (2, 37, 4, 4, 32, None),  # odd length, no GQA
+    (1, 37, 4, 2, 16, [20, 1, 16]),  # GQA 2, a 1-token document in the middle
+    (2, 40, 4, 1, 32, [3, 3, 34]),  # GQA 4 (one K/V head)
+    (1, 33, 2, 2, 64, [1, 31, 1]),  # 1-token documents at both ends
+    (1, 17, 2, 1, 128, None),  # the largest head dim
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B, T, H, Hkv, D, lengths", CASES)
+def test_attention_matches_reference_and_sdpa(dtype, B, T, H, Hkv, D, lengths):
+    q, k, v = make_qkv(B, T, H, Hkv, D, dtype)
+    docs = None if lengths is None else document_ids(lengths, B)
+    upstream = torch.randn(B, T, H, D, device=DEVICE).to(dtype)
+    ours = forward_backward(attention, q, k, v, docs, upstream)
+    assert_close_per_dtype(ours, forward_backward(attention_reference, q, k, v, docs, upstream), dtype)
+    if dtype == torch.float32:  # SDPA is an independent second reference
+        assert_close_per_dtype(ours, forward_backward(sdpa, q, k, v, docs, upstream), dtype)
+
+
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+def test_packed_row_equals_each_document_alone(Hkv):
+    lengths = [20, 1, 16]
+    q, k, v = make_qkv(1, sum(lengths), 4, Hkv, 32, torch.float32)
+    upstream = torch.randn_like(q)
+    packed = forward_backward(attention, q, k, v, document_ids(lengths), upstream)
+    alone = [[] for _ in range(4)]
+    start = 0
+    for n in lengths:
+        piece = [t.detach()[:, start : start + n].clone().requires_grad_() for t in (q, k, v)]
+        for i, result in enumerate(forward_backward(attention, *piece, None, upstream[:, start : start + n])):
+            alone[i].append(result)
+        start += n
+    for name, a, pieces in zip(("out", "dq", "dk", "dv"), packed, alone, strict=True):
+        torch.testing.assert_close(a, torch.cat(pieces, dim=1), atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the poisoned rows themselves reduce over NaN
+def test_blocks_of_other_documents_are_never_read():
+    """Documents on 16-token block edges; the first document's keys/values and the last one's
+    queries/gradients are NaN. A kernel that loaded those blocks and masked them afterwards would
+    still turn 0 · NaN into NaN; skipping them leaves the middle document exact."""
+    lengths = [32, 16, 16]
+    q, k, v = make_qkv(1, 64, 2, 1, 16, torch.float32)
+    upstream = torch.randn_like(q)
+    with torch.no_grad():
+        k[:, :32], v[:, :32] = float("nan"), float("nan")
+        q[:, 48:] = float("nan")
+    upstream[:, 48:] = float("nan")
+    out, dq, dk, dv = forward_backward(attention, q, k, v, document_ids(lengths), upstream)
+    middle = slice(32, 48)
+    piece = [t.detach()[:, middle].clone().requires_grad_() for t in (q, k, v)]
+    expected = forward_backward(attention_reference, *piece, None, upstream[:, middle])
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), expected, strict=True):
+        torch.testing.assert_close(got[:, middle], want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_document_bounds():
+    docs = torch.tensor([[0, 0, 0, 1, 2, 2], [5, 5, 5, 5, 5, 5]])
+    start, end = document_bounds(docs)
+    assert start.tolist() == [[0, 0, 0, 3, 4, 4], [0, 0, 0, 0, 0, 0]]
+    assert end.tolist() == [[3, 3, 3, 4, 6, 6], [6, 6, 6, 6, 6, 6]]
+
+
+def test_unsupported_inputs_are_clear_errors():
+    q, k, v = make_qkv(1, 8, 4, 3, 16, torch.float32)
+    with pytest.raises(ValueError, match="4 query heads cannot share 3"):
+        attention(q, k, v)
+    q, k, v = make_qkv(1, 8, 2, 2, 24, torch.float32)
+    with pytest.raises(ValueError, match="head dim 24"):
+        attention(q, k, v)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("packed", [False, True])
+def test_model_with_triton_kernels_equals_torch_backend(packed):
+    from minisft.model import ModelConfig, Transformer
+
+    config = ModelConfig(vocab_size=61, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
+    input_ids = torch.randint(0, 61, (2, 37), device=DEVICE)
+    labels = torch.randint(0, 61, (2, 37), device=DEVICE)
+    position_ids = docs = None
+    if packed:
+        docs = document_ids([20, 1, 16], B=2)
+        position_ids = torch.cat([torch.arange(n) for n in (20, 1, 16)])[None].expand(2, -1).to(DEVICE)
+    grads = {}
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = Transformer(config, kernels=kernels).to(DEVICE)
+        loss = model.loss(input_ids, labels, int(labels.numel()), position_ids, docs)
+        loss.backward()
+        grads[kernels] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads["triton"][0], grads["torch"][0], atol=1e-5, rtol=1e-5)
+    for name, g in grads["torch"][1].items():
+        torch.testing.assert_close(grads["triton"][1][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T, H, Hkv, D, lengths", [(1000, 8, 2, 64, None), (4096, 16, 4, 128, [1000, 7, 3089])])
+def test_attention_matches_sdpa_on_gpu(dtype, T, H, Hkv, D, lengths):
+    q, k, v = make_qkv(2, T, H, Hkv, D, dtype)
+    docs = None if lengths is None else document_ids(lengths, 2)
+    upstream = torch.randn_like(q)
+    assert_close_per_dtype(
+        forward_backward(attention, q, k, v, docs, upstream), forward_backward(sdpa, q, k, v, docs, upstream), dtype
+    )

@@ -1,0 +1,317 @@
+"""Causal flash attention in Triton, forward and backward, with grouped-query attention and
+packed documents.
+
+The maths (FlashAttention-2, Dao 2023, Algorithms 1 and 2). For one head, queries Q, keys K and
+values V (T × D), scale τ = 1/√D:
+
+    S = τ·Q·Kᵀ,   P = softmax(S + mask),   O = P·V,   mask_ij = 0 if j ≤ i and j, i share a document, else −∞
+
+Forward: each program owns BLOCK_M query rows and streams the key/value blocks they may see,
+keeping a running row max m, a running row sum ℓ of exp(S − m) and an unnormalised output acc
+(the online softmax, eq. in §3.1.1): for a new block S_j,
+
+    m' = max(m, rowmax S_j),  ℓ' = e^{m−m'}·ℓ + rowsum e^{S_j−m'},  acc' = e^{m−m'}·acc + e^{S_j−m'}·V_j
+
+and finally O = acc/ℓ and L = m + log ℓ (the log-sum-exp, saved for the backward). Exponentials
+are taken base 2 (exp2 is one instruction; τ is multiplied by log₂e to compensate).
+
+Backward recomputes P = exp(S − L) block by block instead of storing it (T² memory):
+
+    Δ_i = rowsum(dO ∘ O)_i          (preprocess, eq. in §3.1.2)
+    dV = Pᵀ·dO,   dP = dO·Vᵀ,   dS = P ∘ (dP − Δ),   dQ = τ·dS·K,   dK = τ·dSᵀ·Q
+
+One kernel owns a key block and loops over query blocks (dK, dV: no atomics); another owns a
+query block and loops over key blocks (dQ).
+
+Grouped-query attention: query head h reads key/value head h // (H / H_kv); the dK/dV program of
+a key/value head sums over its group of query heads itself, so K and V are never repeated.
+
+Packed documents: `document_ids` (B, T) label contiguous runs of tokens. From them each token
+gets the first index of its document (doc_start) and one past its last (doc_end). Query i sees
+keys j with doc_start[i] ≤ j ≤ i; key block loops start at the document start of the block's
+first query (and dK/dV loops stop at the document end of the block's last key), so blocks that
+lie wholly in another document are never loaded, let alone computed. Only blocks that touch the
+diagonal or a document edge pay for the mask.
+
+Grid and blocks: forward and dQ — (⌈T/BLOCK_M⌉, B·H), one query block of one head each; dK/dV —
+(⌈T/BLOCK_N⌉, B·H_kv). Tensors keep the model's (B, T, H, D) layout (strides are passed, so no
+transposes); the log-sum-exp and Δ are (B, H, T) fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, OUT, LSE, DOC_START,  # q/out (B, T, H, D), k/v (B, T, Hkv, D), lse (B, H, T), doc_start (B, T)
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+    T, H, GROUP, qk_scale,  # qk_scale = log2(e) / sqrt(D)
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    kv_h = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None])
+
+    # 1. Which key blocks can this query block see? Causal: up to its last row. Packed: from the
+    #    document start of its first row (doc_start never decreases along a row).
+    hi = tl.minimum(start_m + BLOCK_M, T)
+    lo = 0
+    last_doc_start = 0
+    row_doc_start = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if HAS_DOCS:
+        row_doc_start = tl.load(DOC_START + b * T + offs_m, mask=row_ok, other=T)
+        lo = tl.load(DOC_START + b * T + start_m)
+        last_doc_start = tl.load(DOC_START + b * T + hi - 1)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    # 2. Online softmax over those key blocks.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = tl.load(K + b * stride_kb + offs_n[None, :] * stride_kt + kv_h * stride_kh + offs_d[:, None],
+                      mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N)  # fmt: skip
+        v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vt + kv_h * stride_vh + offs_d[None, :],
+                    mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)  # fmt: skip
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if (start_n + BLOCK_N > start_m) | (start_n < last_doc_start):  # on the diagonal or a document edge
+            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= row_doc_start[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no inf - inf
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # 3. Normalise, and keep log-sum-exp (base 2) for the backward.
+    acc = acc / l_i[:, None]
+    tl.store(OUT + b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
+    tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC_END,  # dk/dv like k/v; do like q; lse, delta (B, H, T)
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+    T, H, GROUP, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    H_KV = H // GROUP
+    b, kv_h = bkv // H_KV, bkv % H_KV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < T
+    k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kt + kv_h * stride_kh + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)  # fmt: skip
+    v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vt + kv_h * stride_vh + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)  # fmt: skip
+
+    # 1. Which query blocks see these keys? Causal: from the first key on. Packed: up to the end of
+    #    the last key's document.
+    lo = (start_n // BLOCK_M) * BLOCK_M
+    hi = T
+    key_doc_end = tl.full([BLOCK_N], T, dtype=tl.int32)
+    if HAS_DOCS:
+        key_doc_end = tl.load(DOC_END + b * T + offs_n, mask=key_ok, other=0)
+        hi = tl.load(DOC_END + b * T + tl.minimum(start_n + BLOCK_N, T) - 1)
+
+    # 2. Accumulate dK and dV over every query head of the group and every visible query block.
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for h in range(kv_h * GROUP, (kv_h + 1) * GROUP):
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < T
+            q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)  # fmt: skip
+            do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0)  # fmt: skip
+            lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # Sᵀ (BLOCK_N, BLOCK_M)
+            p_t = tl.math.exp2(s_t - lse[None, :])
+            visible = (offs_m[None, :] >= offs_n[:, None]) & (offs_m[None, :] < key_doc_end[:, None]) & row_ok[None, :]
+            p_t = tl.where(visible, p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)  # dV = Pᵀ dO
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # dPᵀ = V dOᵀ
+            ds_t = p_t * (dp_t - delta[None, :])  # dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)  # dK = dSᵀ Q (τ applied below)
+
+    out_k = DK + b * stride_kb + offs_n[:, None] * stride_kt + kv_h * stride_kh + offs_d[None, :]
+    out_v = DV + b * stride_vb + offs_n[:, None] * stride_vt + kv_h * stride_vh + offs_d[None, :]
+    tl.store(out_k, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(out_v, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DOC_START,  # dq like q
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+    T, H, GROUP, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    kv_h = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # fmt: skip
+    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)  # fmt: skip
+    lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+
+    # The same key range as the forward pass.
+    hi = tl.minimum(start_m + BLOCK_M, T)
+    lo = 0
+    row_doc_start = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if HAS_DOCS:
+        row_doc_start = tl.load(DOC_START + b * T + offs_m, mask=row_ok, other=T)
+        lo = tl.load(DOC_START + b * T + start_m)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kt + kv_h * stride_kh + offs_d[None, :],
+                    mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)  # fmt: skip
+        v_t = tl.load(V + b * stride_vb + offs_n[None, :] * stride_vt + kv_h * stride_vh + offs_d[:, None],
+                      mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N)  # fmt: skip
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= row_doc_start[:, None]) & row_ok[:, None]
+        p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=PRECISION)  # dP = dO Vᵀ
+        ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − Δ)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # dQ = dS K (τ applied below)
+
+    tl.store(DQ + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
+
+
+def document_bounds(document_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T) document ids -> (doc_start, doc_end), each (B, T) int32: the first index of each
+    token's document and one past its last. Documents are contiguous runs of equal ids."""
+    B, T = document_ids.shape
+    index = torch.arange(T, device=document_ids.device).expand(B, T)
+    first = torch.ones_like(document_ids, dtype=torch.bool)
+    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    last = torch.ones_like(first)
+    last[:, :-1] = first[:, 1:]
+    doc_start = torch.where(first, index, 0).cummax(dim=1).values
+    doc_end = torch.where(last, index + 1, T).flip(1).cummin(dim=1).values.flip(1)
+    return doc_start.to(torch.int32).contiguous(), doc_end.to(torch.int32).contiguous()
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors (got {q.device}); on a CPU use kernels='torch', "
+            "or set TRITON_INTERPRET=1 before importing triton to run them (slowly) in the interpreter"
+        )
+    (B, T, H, D), Hkv = q.shape, k.shape[2]
+    if k.shape != (B, T, Hkv, D) or v.shape != k.shape:
+        raise ValueError(f"expected q (B, T, H, D) and k, v (B, T, Hkv, D); got {q.shape}, {k.shape}, {v.shape}")
+    if H % Hkv:
+        raise ValueError(f"{H} query heads cannot share {Hkv} key/value heads evenly")
+    if D not in (16, 32, 64, 128):
+        raise ValueError(f"head dim {D} is not supported; use 16, 32, 64 or 128")
+
+
+def _blocks(head_dim: int, device: torch.device) -> dict:
+    """Tile sizes. The interpreter gets 16-wide tiles so that small test shapes span many blocks."""
+    if device.type != "cuda":
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2}
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None) -> Tensor:
+        _check(q, k, v)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
+        has_docs = document_ids is not None
+        doc_start, doc_end = document_bounds(document_ids) if has_docs else (q, q)  # placeholders: unread
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        cfg = _blocks(D, q.device)
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests want exact fp32 dots
+        attention_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+            q, k, v, o, lse, doc_start, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            T, H, group, LOG2_E / math.sqrt(D), HEAD_DIM=D, HAS_DOCS=has_docs, PRECISION=precision, **cfg,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
+        ctx.has_docs, ctx.precision = has_docs, precision
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
+        delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # Δ = rowsum(dO ∘ O), (B, H, T)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        cfg = _blocks(D, q.device)
+        common = dict(HEAD_DIM=D, HAS_DOCS=ctx.has_docs, PRECISION=ctx.precision, **cfg)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+        scales = (LOG2_E / math.sqrt(D), 1 / math.sqrt(D))
+        attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * k.shape[2])](
+            q, k, v, do, lse, delta, dk, dv, doc_end, *strides, T, H, group, *scales, **common
+        )
+        attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+            q, k, v, do, lse, delta, dq, doc_start, *strides, T, H, group, *scales, **common
+        )
+        return dq, dk, dv, None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    """Causal attention. q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D), in q's dtype.
+
+    With document_ids (B, T) — contiguous runs of equal ids, one per packed document — a token
+    attends only to earlier tokens of its own document.
+    """
+    return AttentionFunction.apply(q, k, v, document_ids)
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    """The same maths in plain PyTorch, in fp32, with the explicit (B, 1, T, T) mask."""
+    T, D, group = q.shape[1], q.shape[3], q.shape[2] // k.shape[2]
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    scores = qf @ kf.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
+    visible = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if document_ids is not None:
+        visible = visible & (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
+    out = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ vf
+    return out.transpose(1, 2).to(q.dtype)
