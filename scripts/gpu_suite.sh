@@ -5,6 +5,7 @@
 # device, versions and date — plus gpu_env.txt and gpu_tests.txt. Commit them.
 #
 #   scripts/gpu_suite.sh [COPY_TO]     # e.g. on the device tool: scripts/gpu_suite.sh "$OUT"
+#   ONLY="tests bench_attention" scripts/gpu_suite.sh "$OUT"   # a part of it (a device call has 10 min)
 #
 # Uses the machine's own torch/triton (no install: GPU machines may have no network).
 set -uo pipefail
@@ -18,9 +19,15 @@ status=0
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 } > "$results/gpu_env.txt" 2>&1
-python -m pytest -m "slow or not slow" -q -rs tests 2>&1 | tee "$results/gpu_tests.txt" || status=1
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+if wanted tests; then
+    python -m pytest -m "slow or not slow" -q -rs tests 2>&1 | tee "$results/gpu_tests.txt" || status=1
+fi
 for bench in benchmarks/bench_*.py; do
-    python "$bench" 2>&1 | tee "$results/$(basename "$bench" .py).log" || status=1
+    name=$(basename "$bench" .py)
+    if wanted "$name"; then
+        python "$bench" 2>&1 | tee "$results/$name.log" || status=1
+    fi
 done
 if [ $# -ge 1 ]; then
     cp -r "$results"/. "$1"/

@@ -16,3 +16,27 @@ def test_benchmark_on_cpu_says_so_and_exits_0(script):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "no CUDA device here" in result.stdout
+
+
+def test_train_step_benchmark_cpu_mode_runs():
+    script = REPO_ROOT / "benchmarks" / "bench_train_step.py"
+    result = subprocess.run([sys.executable, str(script), "--cpu"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "'impl': 'minisft torch'" in result.stdout and "cpu mode:" in result.stdout
+
+
+def test_train_step_flop_count_matches_a_hand_count():
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.bench_train_step import CPU_SHAPE, packed_batch, step_flops
+
+    # CPU_SHAPE by hand: vocab 512, d 64, 2 layers, 4 heads of 16, 2 K/V heads, SwiGLU 128, tied.
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64  # q, o; k, v; MLP; two norms
+    n = 512 * 64 + 2 * per_layer + 64  # the tied embedding doubles as the head; final norm
+    assert n == 106816
+    lengths = [[100, 28], [128]]
+    # per document of t tokens: 6N per token, plus causal attention 6·L·d·t per token.
+    expected = sum(t * (6 * n + 6 * 2 * 64 * t) for t in (100, 28, 128))
+    assert step_flops(CPU_SHAPE, lengths) == expected == 184_934_400
+    batch = packed_batch(3, 128, 512, seed=0, device="cpu")
+    assert all(sum(row) == 128 for row in batch["lengths"])
+    assert batch["position_ids"][0, 0] == 0 and batch["document_ids"].shape == (3, 128)
