@@ -121,6 +121,32 @@ def test_blocks_of_other_documents_are_never_read():
         torch.testing.assert_close(got[:, middle], want, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_views_of_a_fused_qkv_projection():
+    """q, k, v as strided views of one (B, T, 3·H·D) tensor: forward and gradients still exact."""
+    qkv = torch.randn(2, 37, 3 * 2 * 16, device=DEVICE, requires_grad=True)
+    q, k, v = (t.view(2, 37, 2, 16) for t in qkv.split(32, dim=-1))
+    upstream = torch.randn(2, 37, 2, 16, device=DEVICE)
+    attention(q, k, v).backward(upstream)
+    ours = qkv.grad.clone()
+    qkv.grad = None
+    attention_reference(q, k, v).backward(upstream)
+    torch.testing.assert_close(ours, qkv.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_a_repeated_id_starts_a_new_document():
+    """Documents are contiguous runs: ids 0,0,1,1,0,0 are three documents, in every backend."""
+    q, k, v = make_qkv(1, 37, 2, 1, 16, torch.float32)
+    ids = torch.tensor([0] * 10 + [1] * 10 + [0] * 17, device=DEVICE)[None]
+    distinct = torch.tensor([0] * 10 + [1] * 10 + [2] * 17, device=DEVICE)[None]
+    upstream = torch.randn_like(q)
+    ours = forward_backward(attention, q, k, v, ids, upstream)
+    for name, a, b in zip(
+        ("out", "dq", "dk", "dv"), ours, forward_backward(sdpa, q, k, v, distinct, upstream), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(attention_reference(q, k, v, ids), ours[0], atol=1e-5, rtol=1e-5)
+
+
 def test_document_bounds():
     docs = torch.tensor([[0, 0, 0, 1, 2, 2], [5, 5, 5, 5, 5, 5]])
     start, end = document_bounds(docs)
@@ -135,6 +161,9 @@ def test_unsupported_inputs_are_clear_errors():
     q, k, v = make_qkv(1, 8, 2, 2, 24, torch.float32)
     with pytest.raises(ValueError, match="head dim 24"):
         attention(q, k, v)
+    q, k, v = make_qkv(1, 8, 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="must share a dtype"):
+        attention(q, k.half(), v)
 
 
 @pytest.mark.usefixtures("one_thread")

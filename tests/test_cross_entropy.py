@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import triton_kernels.cross_entropy as cross_entropy_module
 from triton_kernels.cross_entropy import (
     _chunk_rows,
     cross_entropy,
@@ -123,6 +124,13 @@ def linear_both(hidden, weight, labels, reduction):
     return (ours, ours_h.grad, ours_w.grad), (ref, ref_h.grad, ref_w.grad)
 
 
+@pytest.fixture
+def two_row_chunks(monkeypatch):
+    """Chunks of ~2 rows at these small vocabularies, so the multi-chunk path runs."""
+    monkeypatch.setattr(cross_entropy_module, "CHUNK_BYTES", 2 * 300 * 4)
+
+
+@pytest.mark.usefixtures("two_row_chunks")
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("rows, dim, vocab", [(37, 16, 300), (1, 8, 50), (20, 32, 33)])
 def test_linear_cross_entropy_matches_torch(reduction, rows, dim, vocab):
@@ -136,13 +144,52 @@ def test_linear_cross_entropy_matches_torch(reduction, rows, dim, vocab):
     torch.testing.assert_close(loss, linear_cross_entropy_reference(hidden, weight, labels, reduction))
 
 
-def test_linear_cross_entropy_works_in_several_chunks():
-    assert _chunk_rows(37, 300, 16) == 2  # 300 / 16 -> 19 chunks of 2 rows: the multi-chunk path runs
-    # A real shape: 4096 / ceil(128256 / 2048) = 65.01 -> 128 rows, logits ~2x the hidden states' size.
-    assert _chunk_rows(4096, 128256, 2048) == 128
-    assert _chunk_rows(5, 10, 64) == 5  # a vocabulary narrower than the hidden size: one chunk
+def test_chunk_rows_follow_the_memory_budget():
+    assert _chunk_rows(16384, 128256, 2) == 1046  # 256 MiB of bf16 logits at V = 128k: ~1000 rows
+    assert _chunk_rows(5, 10, 4) == 5  # never more rows than there are
 
 
+def test_out_of_range_label_gives_nan_not_a_neighbours_logit():
+    logits, labels = make_inputs(3, 50, torch.float32)
+    labels[1] = 50
+    losses = cross_entropy(logits, labels, "none", keep_logits=True)
+    assert torch.isnan(losses[1]) and torch.isfinite(losses[[0, 2]]).all()
+
+
+def test_in_place_gradient_cannot_corrupt_an_earlier_ops_backward():
+    x, labels = make_inputs(4, 30, torch.float32)
+    x.requires_grad_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        cross_entropy(torch.tanh(x), labels).backward()  # tanh saved its output: the logits
+    cross_entropy(torch.tanh(x), labels, keep_logits=True).backward()
+    ours = x.grad.clone()
+    x.grad = None
+    F.cross_entropy(torch.tanh(x), labels).backward()
+    torch.testing.assert_close(ours, x.grad)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_torch_autocast():
+    hidden = torch.randn(21, 32, device=DEVICE)
+    weight = torch.randn(70, 32, device=DEVICE) / 32**0.5
+    labels = torch.randint(0, 70, (21,), device=DEVICE)
+    results = []
+    for fn in (
+        lambda h, w: linear_cross_entropy(h, w, labels),
+        lambda h, w: F.cross_entropy((h @ w.T).float(), labels),
+    ):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = fn(h, w)
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    (loss, grad_h, grad_w), (ref, ref_h, ref_w) = results
+    assert grad_h.dtype == torch.float32 and grad_w.dtype == torch.float32  # the parameters' dtype
+    torch.testing.assert_close(loss, ref, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(grad_h, ref_h, atol=5e-3, rtol=2e-2)
+    torch.testing.assert_close(grad_w, ref_w, atol=5e-3, rtol=2e-2)
+
+
+@pytest.mark.usefixtures("two_row_chunks")
 def test_linear_cross_entropy_all_ignored_and_bf16():
     hidden, weight = torch.randn(9, 16, device=DEVICE), torch.randn(40, 16, device=DEVICE)
     labels = torch.full((9,), -100, device=DEVICE)
@@ -204,3 +251,33 @@ def test_linear_cross_entropy_matches_torch_on_gpu():
     torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-4)  # TF32 may round the matmuls
     torch.testing.assert_close(grad_h, ref_h, atol=1e-5, rtol=1e-3)
     torch.testing.assert_close(grad_w, ref_w, atol=1e-5, rtol=1e-3)
+
+
+def test_every_launch_is_a_declared_launch_config(monkeypatch):
+    """`scripts/kernel_report.py` compiles `launch_configs()`: it must hold whatever `_launch` launches."""
+    import triton_kernels.cross_entropy as ce
+
+    dtypes = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    declared = {
+        (c.dtype, c.constexprs["BLOCK"], c.num_warps, c.num_stages, c.args["n_cols"]) for c in ce.launch_configs()
+    }
+    launched = []
+
+    class RecordLaunch:  # stands in for the kernel: records what the JIT would specialise on
+        def __getitem__(self, grid):
+            def launch(logits, *args, BLOCK, num_warps, num_stages=3):
+                n_cols = args[6]
+                v16 = ":16" if n_cols % 16 == 0 else ""
+                launched.append((dtypes[logits.dtype], BLOCK, num_warps, num_stages, f"i32{v16}"))
+
+            return launch
+
+    monkeypatch.setattr(ce, "cross_entropy_kernel", RecordLaunch())
+    for dtype in dtypes:
+        for vocab in (1, 7, 16, 100, 4096, 5000, 151936):
+            logits, labels = make_inputs(2, vocab, dtype)
+            ce.cross_entropy(logits, labels)
+        linear_cross_entropy(
+            torch.randn(5, 8, dtype=dtype), torch.randn(48, 8, dtype=dtype), torch.randint(0, 48, (5,))
+        )
+    assert launched and set(launched) <= declared, set(launched) - declared

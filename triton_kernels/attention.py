@@ -13,11 +13,12 @@ keeping a running row max m, a running row sum ℓ of exp(S − m) and an unnorm
     m' = max(m, rowmax S_j),  ℓ' = e^{m−m'}·ℓ + rowsum e^{S_j−m'},  acc' = e^{m−m'}·acc + e^{S_j−m'}·V_j
 
 and finally O = acc/ℓ and L = m + log ℓ (the log-sum-exp, saved for the backward). Exponentials
-are taken base 2 (exp2 is one instruction; τ is multiplied by log₂e to compensate).
+are taken base 2 (exp2 is one instruction): scores are scaled by τ·log₂e, so the saved L is in
+base-2 units, m + log₂ℓ, and the backward's P = exp2(S·τ·log₂e − L).
 
 Backward recomputes P = exp(S − L) block by block instead of storing it (T² memory):
 
-    Δ_i = rowsum(dO ∘ O)_i          (preprocess, eq. in §3.1.2)
+    Δ_i = rowsum(dO ∘ O)_i          (a small preprocess kernel, eq. in §3.1.2)
     dV = Pᵀ·dO,   dP = dO·Vᵀ,   dS = P ∘ (dP − Δ),   dQ = τ·dS·K,   dK = τ·dSᵀ·Q
 
 One kernel owns a key block and loops over query blocks (dK, dV: no atomics); another owns a
@@ -26,12 +27,14 @@ query block and loops over key blocks (dQ).
 Grouped-query attention: query head h reads key/value head h // (H / H_kv); the dK/dV program of
 a key/value head sums over its group of query heads itself, so K and V are never repeated.
 
-Packed documents: `document_ids` (B, T) label contiguous runs of tokens. From them each token
+Packed documents: `document_ids` (B, T) label documents as contiguous runs of equal ids (what
+packing produces; the same id appearing again later is a new document). From them each token
 gets the first index of its document (doc_start) and one past its last (doc_end). Query i sees
 keys j with doc_start[i] ≤ j ≤ i; key block loops start at the document start of the block's
 first query (and dK/dV loops stop at the document end of the block's last key), so blocks that
-lie wholly in another document are never loaded, let alone computed. Only blocks that touch the
-diagonal or a document edge pay for the mask.
+lie wholly in another document are never loaded, let alone computed. In the forward only blocks
+that touch the diagonal or a document edge pay for the mask; the backward kernels mask every
+block they visit (simpler; splitting their loops as the forward does is a known speed-up).
 
 Grid and blocks: forward and dQ — (⌈T/BLOCK_M⌉, B·H), one query block of one head each; dK/dV —
 (⌈T/BLOCK_N⌉, B·H_kv). Tensors keep the model's (B, T, H, D) layout (strides are passed, so no
@@ -62,7 +65,7 @@ def attention_fwd_kernel(
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H  # int64: b · stride_b passes 2^31 on long batches
     kv_h = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -107,7 +110,26 @@ def attention_fwd_kernel(
     acc = acc / l_i[:, None]
     tl.store(OUT + b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
-    tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def attention_bwd_preprocess_kernel(
+    OUT, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+    T, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Δ = rowsum(dO ∘ O) for one block of rows of one head, in fp32. Grid as the forward."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    o = tl.load(OUT + b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -122,7 +144,7 @@ def attention_bwd_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
     H_KV = H // GROUP
-    b, kv_h = bkv // H_KV, bkv % H_KV
+    b, kv_h = (bkv // H_KV).to(tl.int64), bkv % H_KV
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < T
@@ -179,7 +201,7 @@ def attention_bwd_dq_kernel(
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H
     kv_h = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -188,8 +210,8 @@ def attention_bwd_dq_kernel(
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
     do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)  # fmt: skip
-    lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
 
     # The same key range as the forward pass.
     hi = tl.minimum(start_m + BLOCK_M, T)
@@ -234,6 +256,8 @@ def document_bounds(document_ids: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors (got {q.device}); on a CPU use kernels='torch', "
@@ -248,13 +272,14 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"head dim {D} is not supported; use 16, 32, 64 or 128")
 
 
-# Tile sizes per kernel on a GPU: the largest tiles found to compile for H100 (sm_90, triton 3.9)
-# with no register spills at head dim 128 — the dK/dV kernel holds two (BLOCK_N, D) fp32
-# accumulators, hence its narrow key block. Not yet tuned on a GPU.
+# Tile sizes per kernel on a GPU. Compiled for H100 (sm_90, triton 3.9, with the 16-byte
+# alignment hints a real launch gets) at head dim 128, bf16, each uses wgmma (HGMMA in SASS) with
+# no register spills; a 32-wide key block would drop dK/dV to the older HMMA path. Not yet
+# timed on a GPU.
 GPU_TILES = {
     "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    "dkdv": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
-    "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "dq": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
 }
 # The interpreter gets 16-wide tiles, so that small test shapes span many blocks.
 INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
@@ -268,7 +293,8 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None) -> Tensor:
         _check(q, k, v)
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        # Contiguous, so the gradients (empty_like) share the inputs' strides; a no-op in the model.
+        q, k, v = (t.contiguous() for t in (q, k, v))
         (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
         has_docs = document_ids is not None
         doc_start, doc_end = document_bounds(document_ids) if has_docs else (q, q)  # placeholders: unread
@@ -287,9 +313,13 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: Tensor):
         q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
+        do = do.contiguous()
         (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
-        delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # Δ = rowsum(dO ∘ O), (B, H, T)
+        delta = torch.empty_like(lse)
+        cfg = _tiles(q.device, "dq")
+        attention_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+            o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"]
+        )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = dict(HEAD_DIM=D, HAS_DOCS=ctx.has_docs, PRECISION=ctx.precision)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
@@ -315,13 +345,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = Non
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
-    """The same maths in plain PyTorch, in fp32, with the explicit (B, 1, T, T) mask."""
+    """The same maths in plain PyTorch, in fp32, with the explicit (B, 1, T, T) mask.
+
+    A document is a contiguous run of equal ids, as in the kernel: runs are numbered by counting
+    id changes, and tokens see each other only within a run."""
     T, D, group = q.shape[1], q.shape[3], q.shape[2] // k.shape[2]
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
     kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
     scores = qf @ kf.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
     visible = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     if document_ids is not None:
-        visible = visible & (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
+        runs = torch.cat([torch.zeros_like(document_ids[:, :1]), document_ids.diff(dim=1).ne(0).long()], 1).cumsum(1)
+        visible = visible & (runs[:, :, None] == runs[:, None, :])[:, None]
     out = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ vf
     return out.transpose(1, 2).to(q.dtype)

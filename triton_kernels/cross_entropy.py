@@ -12,22 +12,22 @@ sum d of exp(z − m); when a block raises the max to m', rescale d by exp(m −
 
 Because the gradient needs only z, y and lse, the kernel writes it in the forward pass, over the
 logits themselves (or into a fresh buffer when the caller keeps the logits). Backward then has
-nothing left to compute but a multiplication by the incoming gradient — skipped when that is 1,
-as it is whenever the loss is the last op before `.backward()`.
+nothing left to compute but a multiplication by the incoming gradient — skipped when that is 1
+(a plain `loss.backward()`), which costs one GPU→CPU read to find out but saves a pass over N·V.
 
 Bytes moved for N rows × V classes, b bytes per logit:
   eager PyTorch  `F.cross_entropy(logits.float(), y)`: upcast (read b, write 4), log-softmax
                  (read 4, write 4), backward (read 4, write 4, then the cast back: read 4, write b)
                  ≈ (2b + 24)·N·V bytes, plus an fp32 copy of the logits held from forward to backward.
   this kernel    read the row twice (lse pass, gradient pass), write the gradient once
-                 = 3b·N·V bytes, nothing extra held; a 256 KB bf16 row usually still sits in L2 for
-                 its second read, bringing DRAM traffic near the 2b·N·V minimum.
+                 = 3b·N·V bytes, nothing extra held. (With ~1000 rows in flight at once the second
+                 read probably comes from DRAM, not L2: the minimum is 2b·N·V; unmeasured.)
 
 Fused linear + cross-entropy (hidden (N, d) × weight (V, d)ᵀ) processes rows in chunks: each
 chunk's logits are computed, turned into their gradient in place by the kernel above, and
 immediately consumed by two matmuls, ∂hidden = ∂logits · W and ∂W += ∂logitsᵀ · hidden. The
-full (N, V) logits never exist; peak extra memory is one chunk's logits, which is sized to
-about the hidden states' own size (the chunking of Liger-Kernel's fused linear cross-entropy).
+full (N, V) logits never exist. Extra memory: one chunk's logits (CHUNK_BYTES, 256 MiB), ∂hidden,
+and ∂W in fp32 (V·d·4 bytes, 1 GiB at 128k × 2048), held from forward to backward.
 
 Not implemented, on purpose: label smoothing and z-loss (SFT here does not use them, and each
 would add a term to every line of the kernel).
@@ -35,7 +35,6 @@ would add a term to every line of the kernel).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -43,7 +42,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from triton_kernels.launch import Cost, LaunchConfig
+
 IGNORE_INDEX = -100
+BLOCK_MAX = 4096  # columns per slice; any vocabulary ≥ 4096 streams its rows in slices this wide
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -65,7 +68,12 @@ def cross_entropy_kernel(
     grad_ptr += row * grad_row_stride
     label = tl.load(labels_ptr + row)
 
-    # 1. Ignored row: no loss, zero gradient.
+    # 1. A label outside [0, V) is a data bug: NaN, never a neighbouring row's logit.
+    if (label != ignore_index) & ((label < 0) | (label >= n_cols)):
+        tl.store(loss_ptr + row, float("nan"))
+        return
+
+    # 2. Ignored row: no loss, zero gradient.
     if label == ignore_index:
         tl.store(loss_ptr + row, 0.0)
         for start in range(0, n_cols, BLOCK):
@@ -73,7 +81,7 @@ def cross_entropy_kernel(
             tl.store(grad_ptr + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < n_cols)
         return
 
-    # 2. Online log-sum-exp over the row: running max m, running Σ exp(z - m).
+    # 3. Online log-sum-exp over the row: running max m, running Σ exp(z - m).
     m = float("-inf")
     d = 0.0
     for start in range(0, n_cols, BLOCK):
@@ -84,11 +92,11 @@ def cross_entropy_kernel(
         m = m_new
     lse = m + tl.log(d)
 
-    # 3. Loss = lse - z_label.
+    # 4. Loss = lse - z_label.
     z_label = tl.load(logits_ptr + label).to(tl.float32)
     tl.store(loss_ptr + row, lse - z_label)
 
-    # 4. Gradient = (softmax - onehot) * scale, written block by block (over the logits if in place).
+    # 5. Gradient = (softmax - onehot) * scale, written block by block (over the logits if in place).
     scale = tl.load(grad_scale_ptr)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -107,7 +115,7 @@ def _check_device(t: Tensor) -> None:
 
 
 def _block_size(n_cols: int) -> int:
-    return min(triton.next_power_of_2(n_cols), 4096)
+    return min(triton.next_power_of_2(n_cols), BLOCK_MAX)
 
 
 def _launch(logits: Tensor, grad: Tensor, labels: Tensor, grad_scale: Tensor, ignore_index: int) -> Tensor:
@@ -117,9 +125,51 @@ def _launch(logits: Tensor, grad: Tensor, labels: Tensor, grad_scale: Tensor, ig
     if n_rows:
         cross_entropy_kernel[(n_rows,)](
             logits, logits.stride(0), grad, grad.stride(0), labels, losses, grad_scale, n_cols, ignore_index,
-            BLOCK=_block_size(n_cols), num_warps=8,
+            BLOCK=_block_size(n_cols), num_warps=NUM_WARPS,
         )  # fmt: skip
     return losses
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """Every config `_launch` can pick: dtype × BLOCK (a power of two ≤ BLOCK_MAX) × V's alignment.
+
+    Triton's JIT specialises on V (= the row strides) being a multiple of 16: then it emits
+    16-byte loads and stores, otherwise 2-byte ones (bf16), a different kernel. Pointers from torch
+    are 16-byte aligned. Real training launches BLOCK_MAX: those configs are compiled in CI.
+    """
+    configs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for block in (BLOCK_MAX >> i for i in range(BLOCK_MAX.bit_length())):  # 4096, 2048, …, 1
+            for v16 in (":16", "") if block >= 16 else ("",):  # V ≤ BLOCK < 16 is no multiple of 16
+                args = {
+                    "logits_ptr": f"*{dtype}:16", "logits_row_stride": f"i32{v16}",
+                    "grad_ptr": f"*{dtype}:16", "grad_row_stride": f"i32{v16}",
+                    "labels_ptr": "*i64:16", "loss_ptr": "*fp32:16", "grad_scale_ptr": "*fp32:16",
+                    "n_cols": f"i32{v16}", "ignore_index": "i32",
+                }  # fmt: skip
+                label = f"{dtype} BLOCK={block} V%16{'=0' if v16 else '≠0'}"
+                configs.append(LaunchConfig(
+                    cross_entropy_kernel, label, dtype, args, {"BLOCK": block}, NUM_WARPS, in_ci=block == BLOCK_MAX
+                ))  # fmt: skip
+    return configs
+
+
+def cross_entropy_cost(n_rows: int, n_cols: int, dtype: str) -> Cost:
+    """One launch over (N, V) logits: read every row twice, write its gradient once (3b·N·V bytes,
+    plus labels and losses); ≈ 8 FLOPs per logit (lse pass: max, subtract, exp, add; gradient pass:
+    subtract, exp, subtract the one-hot, scale)."""
+    b = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    return Cost(
+        "cross_entropy_kernel",
+        f"N={n_rows} × V={n_cols}, {dtype}",
+        bytes=3 * b * n_rows * n_cols + (8 + 4) * n_rows,
+        fp32_flops=8 * n_rows * n_cols,
+    )
+
+
+def reference_costs() -> list[Cost]:
+    """A step of 8 × 1024 tokens over Qwen3's 151936-token vocabulary."""
+    return [cross_entropy_cost(8192, 151936, dtype) for dtype in ("bf16", "fp32")]
 
 
 def _gradient_scale(labels: Tensor, reduction: str, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -141,7 +191,7 @@ def _scaled(grad: Tensor, grad_output: Tensor) -> Tensor:
     """grad · grad_output, in place (so a backward may run only once: no retain_graph).
 
     Testing `== 1` reads one number back from the GPU, a sync that costs far less than the pass
-    over N·V gradients it saves in the usual case.
+    over N·V gradients it saves when the loss is backpropagated as is.
     """
     if grad_output.numel() == 1:
         return grad if bool(grad_output == 1) else grad.mul_(grad_output)
@@ -156,6 +206,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad = torch.empty_like(logits) if keep_logits else logits  # in place: logits become their gradient
         grad_scale, divisor = _gradient_scale(labels, reduction, ignore_index)
         losses = _launch(logits, grad, labels.contiguous(), grad_scale, ignore_index)
+        if grad is logits:  # an op that saved these logits for its own backward must now fail loudly
+            torch.autograd.graph.increment_version(logits)
         ctx.save_for_backward(grad)
         return _reduce(losses, reduction, divisor)
 
@@ -193,9 +245,13 @@ def cross_entropy_reference(
     return losses.sum() / (keep.sum().clamp(min=1) if reduction == "mean" else 1)
 
 
-def _chunk_rows(n_rows: int, vocab: int, dim: int) -> int:
-    """Rows per chunk such that a chunk's logits (rows × V) are about as big as hidden (N × d)."""
-    return max(1, min(n_rows, triton.next_power_of_2(math.ceil(n_rows / math.ceil(vocab / dim)))))
+# Memory for one chunk's logits. Big enough that the ∂W matmul (contraction over the chunk's rows)
+# stays compute-bound — ~1000 rows at V = 128k in bf16 — and small beside the model.
+CHUNK_BYTES = 256 * 2**20
+
+
+def _chunk_rows(n_rows: int, vocab: int, element_size: int) -> int:
+    return max(1, min(n_rows, CHUNK_BYTES // (vocab * element_size)))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -204,33 +260,41 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         _check_device(hidden)
         if reduction == "none":
             raise ValueError("linear_cross_entropy supports reduction 'mean' or 'sum'")
-        n_rows, dim = hidden.shape
+        n_rows = hidden.shape[0]
+        device = hidden.device.type
+        # Matmul dtype: what autocast would pick (bf16 in training), else the inputs' own. Casting
+        # the weight once here, not in every chunk's matmuls, saves 3 casts of V·d per chunk.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        w = weight.to(dtype)
         grad_scale, divisor = _gradient_scale(labels, reduction, ignore_index)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        # ∂W accumulates over all chunks: fp32, so thousands of small bf16 updates do not round away.
+        # ∂W accumulates over all chunks: fp32, so many small bf16 updates do not round away.
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-        chunk = _chunk_rows(n_rows, weight.shape[0], dim)
-        for start in range(0, n_rows, chunk):
-            rows = slice(start, start + chunk)
-            h = hidden[rows]
-            logits = h @ weight.T  # (chunk, V): the only logits that ever exist
-            losses[rows] = _launch(logits, logits, labels[rows].contiguous(), grad_scale, ignore_index)
-            if grad_hidden is not None:
-                grad_hidden[rows] = logits @ weight.to(logits.dtype)
-            if grad_weight is not None:
-                grad_weight += logits.T @ h.to(logits.dtype)
+        chunk = _chunk_rows(n_rows, weight.shape[0], w.element_size())
+        with torch.autocast(device, enabled=False):
+            for start in range(0, n_rows, chunk):
+                rows = slice(start, start + chunk)
+                h = hidden[rows].to(dtype)
+                logits = h @ w.T  # (chunk, V): the only logits that ever exist
+                losses[rows] = _launch(logits, logits, labels[rows].contiguous(), grad_scale, ignore_index)
+                if grad_hidden is not None:
+                    grad_hidden[rows] = logits @ w
+                if grad_weight is not None:
+                    grad_weight += logits.T @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return losses.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        # Always scale (no `== 1` test and its sync): these are N·d and V·d numbers, not N·V, and
+        # in training grad_output is 1/N anyway (loss.py divides the sum by the token count).
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
-            grad_hidden = _scaled(grad_hidden, grad_output)
+            grad_hidden = grad_hidden.mul_(grad_output)
         if grad_weight is not None:
-            grad_weight = _scaled(grad_weight, grad_output).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None
 
 
