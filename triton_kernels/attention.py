@@ -34,7 +34,8 @@ keys j with doc_start[i] ≤ j ≤ i; key block loops start at the document star
 first query (and dK/dV loops stop at the document end of the block's last key), so blocks that
 lie wholly in another document are never loaded, let alone computed. In the forward only blocks
 that touch the diagonal or a document edge pay for the mask; the backward kernels mask every
-block they visit (simpler; splitting their loops as the forward does is a known speed-up).
+block they visit (simpler; splitting their loops as the forward does is a known speed-up). Without
+document_ids a row is one document (doc_start = 0, doc_end = T): the same kernels, one code path.
 
 Grid and blocks: forward and dQ — (⌈T/BLOCK_M⌉, B·H), one query block of one head each; dK/dV —
 (⌈T/BLOCK_N⌉, B·H_kv). Tensors keep the model's (B, T, H, D) layout (strides are passed, so no
@@ -51,6 +52,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from triton_kernels.launch import Cost, LaunchConfig
+
 LOG2_E = 1.4426950408889634
 
 
@@ -61,7 +64,7 @@ def attention_fwd_kernel(
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
     T, H, GROUP, qk_scale,  # qk_scale = log2(e) / sqrt(D)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -75,14 +78,9 @@ def attention_fwd_kernel(
     # 1. Which key blocks can this query block see? Causal: up to its last row. Packed: from the
     #    document start of its first row (doc_start never decreases along a row).
     hi = tl.minimum(start_m + BLOCK_M, T)
-    lo = 0
-    last_doc_start = 0
-    row_doc_start = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if HAS_DOCS:
-        row_doc_start = tl.load(DOC_START + b * T + offs_m, mask=row_ok, other=T)
-        lo = tl.load(DOC_START + b * T + start_m)
-        last_doc_start = tl.load(DOC_START + b * T + hi - 1)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    row_doc_start = tl.load(DOC_START + b * T + offs_m, mask=row_ok, other=T)
+    lo = (tl.load(DOC_START + b * T + start_m) // BLOCK_N) * BLOCK_N
+    last_doc_start = tl.load(DOC_START + b * T + hi - 1)
 
     # 2. Online softmax over those key blocks.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -139,7 +137,7 @@ def attention_bwd_dkdv_kernel(
     stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
     T, H, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
@@ -156,11 +154,8 @@ def attention_bwd_dkdv_kernel(
     # 1. Which query blocks see these keys? Causal: from the first key on. Packed: up to the end of
     #    the last key's document.
     lo = (start_n // BLOCK_M) * BLOCK_M
-    hi = T
-    key_doc_end = tl.full([BLOCK_N], T, dtype=tl.int32)
-    if HAS_DOCS:
-        key_doc_end = tl.load(DOC_END + b * T + offs_n, mask=key_ok, other=0)
-        hi = tl.load(DOC_END + b * T + tl.minimum(start_n + BLOCK_N, T) - 1)
+    key_doc_end = tl.load(DOC_END + b * T + offs_n, mask=key_ok, other=0)
+    hi = tl.load(DOC_END + b * T + tl.minimum(start_n + BLOCK_N, T) - 1)
 
     # 2. Accumulate dK and dV over every query head of the group and every visible query block.
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -197,7 +192,7 @@ def attention_bwd_dq_kernel(
     stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
     T, H, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -215,12 +210,8 @@ def attention_bwd_dq_kernel(
 
     # The same key range as the forward pass.
     hi = tl.minimum(start_m + BLOCK_M, T)
-    lo = 0
-    row_doc_start = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if HAS_DOCS:
-        row_doc_start = tl.load(DOC_START + b * T + offs_m, mask=row_ok, other=T)
-        lo = tl.load(DOC_START + b * T + start_m)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    row_doc_start = tl.load(DOC_START + b * T + offs_m, mask=row_ok, other=T)
+    lo = (tl.load(DOC_START + b * T + start_m) // BLOCK_N) * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
@@ -272,21 +263,103 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"head dim {D} is not supported; use 16, 32, 64 or 128")
 
 
-# Tile sizes per kernel on a GPU. Compiled for H100 (sm_90, triton 3.9, with the 16-byte
-# alignment hints a real launch gets) at head dim 128, bf16, each uses wgmma (HGMMA in SASS) with
-# no register spills; a 32-wide key block would drop dK/dV to the older HMMA path. Not yet
-# timed on a GPU.
+# Tile sizes per kernel on a GPU. Compiled for H100 (sm_90a) and A100 (sm_80) with the 16-byte
+# alignment hints a real launch gets, in bf16, none spills registers (scripts/kernel_report.py
+# checks every one); on H100 each uses wgmma (HGMMA in the SASS). Not yet timed on a GPU.
 GPU_TILES = {
     "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
     "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    "dq": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
 }
 # The interpreter gets 16-wide tiles, so that small test shapes span many blocks.
 INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 
 
-def _tiles(device: torch.device, kernel: str) -> dict:
-    return GPU_TILES[kernel] if device.type == "cuda" else INTERPRETER_TILE
+def _tiles(device: torch.device, kernel: str, head_dim: int) -> dict:
+    if device.type != "cuda":
+        return INTERPRETER_TILE
+    if kernel == "dkdv" and head_dim <= 64:  # on A100 the 64 × 64 tile spills at D = 64; this one does not
+        return GPU_TILES[kernel] | {"BLOCK_M": 32, "BLOCK_N": 128}
+    return GPU_TILES[kernel]
+
+
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """Every config the wrapper can launch on a GPU: kernel × dtype × head dim.
+
+    Pointers from torch are 16-byte aligned, and every stride is a multiple of the head dim (≥ 16);
+    T, H and GROUP carry no such promise. Training launches bf16 at head dim 64 or 128: those are
+    compiled in CI.
+    """
+    configs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for head_dim in HEAD_DIMS:
+            in_ci = dtype == "bf16" and head_dim >= 64
+            constexprs = {"HEAD_DIM": head_dim, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+            for name, kernel in (("fwd", attention_fwd_kernel), ("dkdv", attention_bwd_dkdv_kernel),
+                                 ("dq", attention_bwd_dq_kernel)):  # fmt: skip
+                tiles = _tiles(torch.device("cuda"), name, head_dim)
+                blocks = {"BLOCK_M": tiles["BLOCK_M"], "BLOCK_N": tiles["BLOCK_N"]}
+                configs.append(LaunchConfig(
+                    kernel, f"{name} {dtype} D={head_dim}", dtype, _argument_types(kernel, dtype),
+                    constexprs | blocks, tiles["num_warps"], tiles["num_stages"], in_ci,
+                ))  # fmt: skip
+            block_m = _tiles(torch.device("cuda"), "dq", head_dim)["BLOCK_M"]
+            configs.append(LaunchConfig(
+                attention_bwd_preprocess_kernel, f"delta {dtype} D={head_dim}", dtype,
+                _argument_types(attention_bwd_preprocess_kernel, dtype),
+                {"HEAD_DIM": head_dim, "BLOCK_M": block_m}, 4, 3, dtype == "bf16" and head_dim == 128,
+            ))  # fmt: skip
+    return configs
+
+
+def _argument_types(kernel, dtype: str) -> dict[str, str]:
+    """Triton types of a kernel's run-time arguments, with the divisibility the JIT would see."""
+    types = {}
+    for name in kernel.arg_names:
+        if name in ("LSE", "DELTA"):
+            types[name] = "*fp32:16"
+        elif name.startswith("DOC_"):
+            types[name] = "*i32:16"
+        elif (
+            name.isupper() and name not in ("T", "H", "GROUP") and not name.startswith(("HEAD", "BLOCK", "HAS", "PREC"))
+        ):
+            types[name] = f"*{dtype}:16"  # Q, K, V, OUT, DO, DQ, DK, DV
+        elif name.startswith("stride"):
+            types[name] = "i32:16"
+        elif name in ("qk_scale", "sm_scale"):
+            types[name] = "fp32"
+        elif name in ("T", "H", "GROUP"):
+            types[name] = "i32"
+    return types
+
+
+def attention_cost(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str) -> list[Cost]:
+    """Causal attention over one sequence per row, forward and backward.
+
+    FLOPs: 2·D per (query, key) pair per matmul; T(T+1)/2 causal pairs per head; the forward does 2
+    matmuls, dK/dV 4 (recomputing S), dQ 3 (recomputing S). Bytes: each tensor crosses DRAM once
+    — the K/V (or Q/dO) blocks re-read by every query (or key) block of a head are ~2 MB per head
+    at T = 4096 and are assumed to come from the 50 MB L2.
+    """
+    b = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    pairs = batch * heads * seq_len * (seq_len + 1) // 2
+    q = batch * seq_len * heads * head_dim * b  # bytes of Q, and of O, dO, dQ
+    kv = batch * seq_len * kv_heads * head_dim * b  # bytes of K, and of V, dK, dV
+    row_stats = batch * heads * seq_len * 4  # the fp32 log-sum-exp or Δ
+    shape = f"B={batch} T={seq_len} H={heads}/{kv_heads} D={head_dim}, causal, {dtype}"
+    return [
+        Cost("attention_fwd_kernel", shape, 2 * q + 2 * kv + row_stats, tensor_flops=2 * 2 * head_dim * pairs),
+        Cost("attention_bwd_dkdv_kernel", shape, 2 * q + 4 * kv + 2 * row_stats, tensor_flops=4 * 2 * head_dim * pairs),
+        Cost("attention_bwd_dq_kernel", shape, 3 * q + 2 * kv + 2 * row_stats, tensor_flops=3 * 2 * head_dim * pairs),
+    ]
+
+
+def reference_costs() -> list[Cost]:
+    """Llama-3.2-1B's attention (32 query heads, 8 K/V heads of 128) over 8 rows of 4096 tokens."""
+    return attention_cost(8, 4096, 32, 8, 128, "bf16")
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -296,18 +369,21 @@ class AttentionFunction(torch.autograd.Function):
         # Contiguous, so the gradients (empty_like) share the inputs' strides; a no-op in the model.
         q, k, v = (t.contiguous() for t in (q, k, v))
         (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
-        has_docs = document_ids is not None
-        doc_start, doc_end = document_bounds(document_ids) if has_docs else (q, q)  # placeholders: unread
+        if document_ids is None:  # one document per row: every key from 0 is in the query's document
+            doc_start = torch.zeros(B, T, dtype=torch.int32, device=q.device)
+            doc_end = torch.full((B, T), T, dtype=torch.int32, device=q.device)
+        else:
+            doc_start, doc_end = document_bounds(document_ids)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        cfg = _tiles(q.device, "fwd")
+        cfg = _tiles(q.device, "fwd", D)
         precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests want exact fp32 dots
         attention_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
             q, k, v, o, lse, doc_start, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            T, H, group, LOG2_E / math.sqrt(D), HEAD_DIM=D, HAS_DOCS=has_docs, PRECISION=precision, **cfg,
+            T, H, group, LOG2_E / math.sqrt(D), HEAD_DIM=D, PRECISION=precision, **cfg,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
-        ctx.has_docs, ctx.precision = has_docs, precision
+        ctx.precision = precision
         return o
 
     @staticmethod
@@ -316,19 +392,19 @@ class AttentionFunction(torch.autograd.Function):
         do = do.contiguous()
         (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
         delta = torch.empty_like(lse)
-        cfg = _tiles(q.device, "dq")
+        cfg = _tiles(q.device, "dq", D)
         attention_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
             o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"]
         )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = dict(HEAD_DIM=D, HAS_DOCS=ctx.has_docs, PRECISION=ctx.precision)
+        common = dict(HEAD_DIM=D, PRECISION=ctx.precision)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
         scales = (LOG2_E / math.sqrt(D), 1 / math.sqrt(D))
-        cfg = _tiles(q.device, "dkdv")
+        cfg = _tiles(q.device, "dkdv", D)
         attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * k.shape[2])](
             q, k, v, do, lse, delta, dk, dv, doc_end, *strides, T, H, group, *scales, **common, **cfg
         )
-        cfg = _tiles(q.device, "dq")
+        cfg = _tiles(q.device, "dq", D)
         attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
             q, k, v, do, lse, delta, dq, doc_start, *strides, T, H, group, *scales, **common, **cfg
         )

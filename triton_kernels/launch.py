@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from triton.runtime import Autotuner, Heuristics
+
 # H100 SXM ceilings. Copy bandwidth and bf16 matmul rate as measured on this project's H100s
 # (a device-to-device copy, reads + writes; a large bf16 matmul); fp32 is the datasheet's
 # non-tensor rate (elementwise work, exp counted as one FLOP), not measured.
@@ -33,7 +35,7 @@ H100_FP32_FLOPS = 67e12
 class LaunchConfig:
     """One way a wrapper launches a kernel: what Triton compiles, as it would at run time."""
 
-    kernel: object  # the @triton.jit function
+    kernel: object  # the @triton.jit function (through @triton.autotune / @triton.heuristics is fine)
     label: str  # for the report, e.g. "bf16 BLOCK=4096"
     dtype: str  # the data dtype ("bf16", "fp16", "fp32"); a bf16 config must not spill
     # Every run-time argument's Triton type: "*bf16" (pointer), "i32", "fp32". A ":16" suffix says
@@ -45,9 +47,17 @@ class LaunchConfig:
     num_stages: int = 3  # Triton's default
     in_ci: bool = False  # what real training launches: the CI test compiles it (keep these few)
 
+    @property
+    def jit_fn(self):
+        """The @triton.jit function itself, under any autotune or heuristics decorator."""
+        fn = self.kernel
+        while isinstance(fn, (Autotuner, Heuristics)):
+            fn = fn.fn
+        return fn
+
     def triton_signature(self) -> tuple[dict[str, str], dict[tuple[int], list]]:
         """-> (signature, attrs) for `triton.compiler.ASTSource`, in the kernel's argument order."""
-        names = list(self.kernel.arg_names)
+        names = list(self.jit_fn.arg_names)
         if sorted(names) != sorted([*self.args, *self.constexprs]):
             raise ValueError(f"{self.label}: args + constexprs {[*self.args, *self.constexprs]} != kernel's {names}")
         signature, attrs = {}, {}
