@@ -1,4 +1,7 @@
-"""Command line: `python -m minisft demo` and `python -m minisft train --config FILE.toml [--key value ...]`.
+"""Command line: `python -m minisft demo`, `python -m minisft train --config FILE.toml [--key value ...]`,
+`python -m minisft data check FILE [--tokenizer PATH ...]`, `python -m minisft chat MODEL [--prompt TEXT]`
+and `python -m minisft export MODEL OUT` (a Hugging Face folder). `train --init PATH` fine-tunes a
+pretrained model (a Hugging Face or minisft folder) instead of a random one.
 
 A user's mistake (config, data, paths) ends with one line on stderr naming what to fix and exit
 code 2 — never a traceback.
@@ -13,11 +16,17 @@ from pathlib import Path
 
 import torch
 
-from minisft.chat import ChatML
+from minisft.chat import CHAT_FORMATS, TRAIN_ON, ChatFormat, Example, make_chat_format
+from minisft.chat_cli import add_arguments as add_chat_arguments
+from minisft.chat_cli import chat_command
 from minisft.checkpoint import save_model
-from minisft.config import ConfigError, RunConfig, load_config, to_toml
-from minisft.data import DataError, read_conversations
+from minisft.config import ConfigError, DataConfig, RunConfig, load_config, to_toml
+from minisft.data import FORMATS, DataError
+from minisft.datacheck import check_file, format_report
+from minisft.dataset import load_examples
+from minisft.hf import CheckpointError, export_hf
 from minisft.model import ATTENTION_BACKENDS, Transformer
+from minisft.pretrained import load_pretrained, start_from
 from minisft.tokenizer import Tokenizer
 from minisft.train import train_loop
 
@@ -29,49 +38,73 @@ def pick_kernels(name: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and "triton" in ATTENTION_BACKENDS else "torch"
 
 
-def load_examples(path: str, chat: ChatML, max_seq_len: int) -> list:
-    """Render every conversation; drop (and report) those longer than max_seq_len."""
-    examples, too_long = [], 0
-    for messages in read_conversations(path):
-        example = chat.render(messages)
-        if len(example.input_ids) > max_seq_len:
-            too_long += 1
-        else:
-            examples.append(example)
-    print(
-        f"{path}: {len(examples)} conversations"
-        + (f", {too_long} dropped as longer than {max_seq_len} tokens" if too_long else "")
-    )
+def chat_format(name: str, tokenizer: Tokenizer, train_on: str) -> ChatFormat:
+    try:
+        return make_chat_format(name, tokenizer, train_on)
+    except KeyError as err:  # the format's special tokens are not in this tokenizer
+        raise ConfigError(f"chat format {name!r} does not fit this tokenizer: {err.args[0]}") from None
+
+
+def load_data(path: str, chat: ChatFormat, data: DataConfig, max_seq_len: int) -> list[Example]:
+    """Read, render and length-check a file as the config says; print what happened to it."""
+    examples, report = load_examples(path, chat, max_seq_len, data.format, data.on_error, data.too_long)
+    print(report.summary())
     if not examples:
         raise DataError(f"{path}: no usable conversations")
     return examples
 
 
 def train_command(config: RunConfig) -> None:
-    if not config.data.train_file or not config.data.tokenizer:
+    if not config.data.train_file or not (config.data.tokenizer or config.init):
         raise ConfigError(
-            "data.train_file and data.tokenizer must be set (in the TOML file or as --data.train_file ...)"
+            "data.train_file and data.tokenizer (or init) must be set (in the TOML file or as --data.train_file ...)"
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = Tokenizer.from_file(config.data.tokenizer)
-    chat = ChatML(tokenizer)
-    if config.model.vocab_size < tokenizer.vocab_size:
-        rounded = -(-tokenizer.vocab_size // 64) * 64  # a multiple of 64 keeps the head matmul aligned
-        print(f"model.vocab_size {config.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: using {rounded}")
-        config = replace(config, model=replace(config.model, vocab_size=rounded))
+    kernels = pick_kernels(config.kernels, device)
+    if config.init:  # the model, its shape and its tokenizer come from the folder
+        model, tokenizer, chat, config = start_from(config, kernels)
+    else:
+        tokenizer = Tokenizer.from_file(config.data.tokenizer)
+        chat = chat_format(config.data.chat_format, tokenizer, config.data.train_on)
+        if config.model.vocab_size < tokenizer.vocab_size:
+            rounded = -(-tokenizer.vocab_size // 64) * 64  # a multiple of 64 keeps the head matmul aligned
+            print(f"model.vocab_size {config.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: using {rounded}")
+            config = replace(config, model=replace(config.model, vocab_size=rounded))
+        torch.manual_seed(config.train.seed)
+        model = Transformer(config.model, kernels=kernels)
+    model = model.to(device)
     max_len = min(config.data.max_seq_len, config.model.max_seq_len)
-    train_set = load_examples(config.data.train_file, chat, max_len)
-    eval_sets = {"heldout": load_examples(config.data.eval_file, chat, max_len)} if config.data.eval_file else {}
+    train_set = load_data(config.data.train_file, chat, config.data, max_len)
+    eval_sets = (
+        {"heldout": load_data(config.data.eval_file, chat, config.data, max_len)} if config.data.eval_file else {}
+    )
 
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(to_toml(config))
-    torch.manual_seed(config.train.seed)
-    model = Transformer(config.model, kernels=pick_kernels(config.kernels, device)).to(device)
     print(f"model: {config.model.num_params() / 1e6:.2f}M parameters on {device}, kernels={model.kernels}")
-    train_loop(model, train_set, eval_sets, config.train, tokenizer.pad_id, out)
+    pack_to = max_len if config.data.packing else 0
+    train_loop(model, train_set, eval_sets, config.train, tokenizer.pad_id, out, pack_to=pack_to)
     final = save_model(out / "checkpoints" / "final", model, tokenizer, chat.name)
     print(f"saved {final}")
+
+
+def data_check_command(args: argparse.Namespace) -> int:
+    """Print the quality report; exit 2 when the file holds bad records."""
+    chat = None
+    if args.tokenizer:
+        chat = chat_format(args.chat_format, Tokenizer.from_file(args.tokenizer), args.train_on)
+    report = check_file(args.file, chat, args.max_seq_len, args.format)
+    print(format_report(report, chat))
+    return 2 if report.read.num_skipped else 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    model, tokenizer, chat_format = load_pretrained(args.model)
+    if chat_format is None:
+        raise CheckpointError(f"{args.model} has no chat format to export with (a base model?)")
+    print(f"exported {export_hf(args.out, model, tokenizer, chat_format)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +113,28 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain (CPU, ~2 min)")
     train = commands.add_parser("train", help="supervised fine-tuning from a TOML config")
     train.add_argument("--config", help="TOML file; any key can also be given as --section.key value")
+    data = commands.add_parser("data", help="inspect a data file").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser("check", help="quality report: layouts, bad records, duplicates, lengths")
+    check.add_argument("file", help="JSONL or JSON file of records")
+    check.add_argument("--tokenizer", help="tokenizer.json or its folder: lengths in tokens (else characters)")
+    check.add_argument("--chat-format", default="chatml", choices=sorted(CHAT_FORMATS))
+    check.add_argument("--train-on", default="assistant", choices=TRAIN_ON)
+    check.add_argument("--format", default="auto", choices=FORMATS, help="record layout (default: per record)")
+    check.add_argument("--max-seq-len", type=int, default=0, help="count records longer than this many tokens")
+    add_chat_arguments(commands.add_parser("chat", help="talk to a model in the terminal (or answer --prompt)"))
+    export = commands.add_parser("export", help="write a model as a Hugging Face folder (transformers loads it)")
+    export.add_argument("model", help="a run folder or a minisft checkpoint")
+    export.add_argument("out", help="the folder to write")
     args, rest = parser.parse_known_args(argv)
     try:
+        if args.command == "data":
+            if rest:
+                raise ConfigError(f"data check: unknown options {' '.join(rest)}")
+            return data_check_command(args)
+        if args.command in ("chat", "export"):
+            if rest:
+                raise ConfigError(f"{args.command}: unknown options {' '.join(rest)}")
+            return chat_command(args) if args.command == "chat" else export_command(args)
         if args.command == "demo":
             if rest:
                 raise ConfigError(f"demo takes no options, got {' '.join(rest)}")
@@ -90,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo()
         else:
             train_command(load_config(args.config, rest))
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,16 +30,13 @@ def _fsync_tree(folder: Path) -> None:
             os.fsync(f.fileno())
 
 
-def save_model(folder: str | Path, model: Transformer, tokenizer: Tokenizer, chat_format: str) -> Path:
+def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) on an empty temporary folder, flush it, then swap it in for `folder`."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    meta = {"model": asdict(model.config), "chat_format": chat_format}
-    (tmp / "minisft.json").write_text(json.dumps(meta, indent=2) + "\n")
-    tokenizer.save(tmp)
+    write(tmp)
     _fsync_tree(tmp)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
@@ -47,6 +45,17 @@ def save_model(folder: str | Path, model: Transformer, tokenizer: Tokenizer, cha
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def save_model(folder: str | Path, model: Transformer, tokenizer: Tokenizer, chat_format: str) -> Path:
+    def write(tmp: Path) -> None:
+        weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        meta = {"model": asdict(model.config), "chat_format": chat_format}
+        (tmp / "minisft.json").write_text(json.dumps(meta, indent=2) + "\n")
+        tokenizer.save(tmp)
+
+    return write_folder(folder, write)
 
 
 def load_model(folder: str | Path, kernels: str = "torch") -> tuple[Transformer, Tokenizer, str]:

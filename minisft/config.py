@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minisft.chat import CHAT_FORMATS, TRAIN_ON
+from minisft.data import FORMATS, ON_ERROR
+from minisft.dataset import TOO_LONG
 from minisft.model import ATTENTION_BACKENDS, ModelConfig
 from minisft.train import TrainConfig
 
@@ -32,16 +35,39 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_file: str = ""  # JSONL, one {"messages": [{"role", "content"}, ...]} per line
-    eval_file: str = ""  # same format; held-out loss is reported on it ("" = none)
+    train_file: str = ""  # JSONL or a JSON array of records (layouts: see minisft/data.py)
+    eval_file: str = ""  # same layouts; held-out loss is reported on it ("" = none)
     tokenizer: str = ""  # a tokenizer.json, or a folder with tokenizer.json + tokenizer_config.json
-    max_seq_len: int = 512  # longer examples are dropped and counted, never silently cut
+    format: str = "auto"  # record layout: auto (per record, from its keys) or one of data.FORMATS
+    chat_format: str = "chatml"  # how turns become tokens: chatml, qwen3, llama3, instruction
+    train_on: str = "assistant"  # trained turns: assistant (every answer), last (final answer), all
+    on_error: str = "fail"  # a bad record: fail (stop, naming file:line) or skip (counted, reported)
+    max_seq_len: int = 512  # tokens per example (and per packed row)
+    too_long: str = "drop"  # a longer example: drop it, or truncate it (both counted and reported)
+    packing: bool = False  # pack whole examples into rows of max_seq_len instead of padding each
+
+    def __post_init__(self) -> None:
+        choices = {
+            "format": FORMATS,
+            "chat_format": tuple(CHAT_FORMATS),
+            "train_on": TRAIN_ON,
+            "on_error": ON_ERROR,
+            "too_long": TOO_LONG,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"data.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"data.max_seq_len must be at least 2, got {self.max_seq_len}")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     out_dir: str = "runs/sft"  # metrics.jsonl, config.toml and checkpoints/ go here
     kernels: str = "auto"  # "torch", or "auto": the fastest backend available on the device
+    init: str = ""  # start from this model (Hugging Face or minisft folder) instead of a random one
+    freeze_embeddings: bool = False  # with init: keep the token embedding (and a tied head) fixed
+    freeze_layers: int = 0  # with init: keep the first N transformer layers fixed
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -50,6 +76,10 @@ class RunConfig:
         choices = ("auto", *ATTENTION_BACKENDS)
         if self.kernels not in choices:
             raise ValueError(f"kernels: unknown backend {self.kernels!r}; available here: {', '.join(choices)}")
+        if self.freeze_layers < 0:
+            raise ValueError(f"freeze_layers must be at least 0, got {self.freeze_layers}")
+        if (self.freeze_embeddings or self.freeze_layers) and not self.init:
+            raise ValueError("freeze_embeddings and freeze_layers need init: a random model has nothing worth keeping")
 
 
 SECTIONS = ("model", "data", "train")

@@ -8,19 +8,24 @@ name for name.
 
 Attention and the loss are pluggable: `Transformer(config, kernels="torch")` uses PyTorch
 (SDPA and `F.cross_entropy`); the Triton kernels in `triton_kernels/` register themselves as
-further backends. Classes read bottom-up: norm -> rotary -> attention -> MLP -> block -> model.
+further backends. Generation passes a `KVCache` instead, which stores each layer's keys and values
+so a step runs only the new token. Classes read bottom-up: norm -> rotary -> attention (and its
+cache) -> MLP -> block -> model.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minisft.loss import masked_lm_loss
+
+ROPE_SCALINGS = ("", "linear", "llama3")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
+    attention_bias: bool = False  # biases on the q, k and v projections (Qwen2), none on o
+    # RoPE scaling, as a pretrained checkpoint's config.json names it: "" (none), "linear" (every
+    # rotation slowed by rope_factor) or "llama3" (Llama 3.1: only the slow rotations slowed).
+    rope_scaling: str = ""
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_len / this are slowed fully
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_len / this keep their speed
+    rope_original_max_seq_len: int = 8192  # llama3: the context length of pre-training
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -48,6 +61,12 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head dim {self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"model.rope_scaling: unknown {self.rope_scaling!r}; choose one of {ROPE_SCALINGS}")
+        if self.rope_factor <= 0:
+            raise ValueError(f"model.rope_factor must be positive, got {self.rope_factor}")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError("model.rope_low_freq_factor must be positive and below model.rope_high_freq_factor")
 
     @property
     def head_dim(self) -> int:
@@ -57,6 +76,7 @@ class ModelConfig:
         """Parameter count from the config alone (embedding counted once when tied)."""
         d, kv = self.dim, self.n_kv_heads * self.head_dim
         attention = d * d * 2 + d * kv * 2  # q, o and k, v projections
+        attention += (d + 2 * kv) * self.attention_bias
         mlp = 3 * d * self.ffn_dim
         per_layer = attention + mlp + 2 * d  # + two RMSNorm gains
         head = 0 if self.tie_embeddings else self.vocab_size * d
@@ -89,13 +109,37 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+def rotary_frequencies(config: ModelConfig, device: torch.device | None = None) -> Tensor:
+    """(head_dim/2,) angle per position of each rotated pair: pair i turns by theta^(-2i/D).
+
+    That is RoFormer eq. 15, written as Hugging Face computes it (1 / theta^(2i/D)), so the float32
+    angles are the very ones a pretrained checkpoint was trained with. Rope scaling stretches a
+    model's context by slowing rotations down: "linear" (Chen et al. 2023, position interpolation)
+    divides every frequency by the factor; "llama3" (Llama 3.1, Meta's reference code) divides only
+    those whose wavelength exceeds original_len / low_freq_factor, keeps those below
+    original_len / high_freq_factor and blends the ones between.
+    """
+    D = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, D, 2, device=device).float() / D)
+    factor = config.rope_factor
+    if config.rope_scaling == "linear":
+        return inv_freq / factor
+    if config.rope_scaling == "llama3":
+        original = config.rope_original_max_seq_len
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (original / wavelength - low) / (high - low)  # 0 at original/low, 1 at original/high
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        slowed = torch.where(wavelength > original / low, inv_freq / factor, blended)
+        return torch.where(wavelength < original / high, inv_freq, slowed)
+    return inv_freq
+
+
+def rotary_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotation angles, each (..., T, head_dim), for positions (..., T).
 
-    Pair i of a head rotates by position · theta^(-2i/head_dim) (RoFormer eq. 15). The halves
-    layout (`rotate_half`) is the one Hugging Face Llama checkpoints are trained with.
+    The halves layout (`rotate_half`) is the one Hugging Face Llama checkpoints are trained with.
     """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (..., T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (..., T, head_dim)
     return angles.cos(), angles.sin()
@@ -140,14 +184,49 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | Non
 ATTENTION_BACKENDS = {"torch": attention_torch, "triton": attention_triton}
 
 
+class KVCache:
+    """Every layer's keys and values, kept between generation steps so a step runs only new tokens.
+
+    Buffers are (B, max_len, Hkv, D). All rows share one length — generation left-pads its prompts
+    (see generate.py) — and `is_token` (B, max_len) is False at padding, which is never attended to.
+    `attention(layer)` is an attention function with the ATTENTION_BACKENDS signature: it appends
+    the new keys and values, then attends the new queries over everything cached.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch, max_len, config.n_kv_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.is_token = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # positions filled; the model advances it after each forward
+
+    def attention(self, layer: int) -> Callable[..., Tensor]:
+        def attend(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+            start, end = self.length, self.length + q.shape[1]
+            self.keys[layer][:, start:end], self.values[layer][:, start:end] = k, v
+            query_pos = torch.arange(start, end, device=q.device)[:, None]
+            key_pos = torch.arange(end, device=q.device)[None]
+            # A query sees the real tokens up to itself, and always itself: a padding query that saw
+            # nothing would turn to NaN, and 0 · NaN would leak it through the next layer's values.
+            mask = (key_pos <= query_pos) & self.is_token[:, None, :end] | (key_pos == query_pos)  # (B, Tq, L)
+            keys, values = self.keys[layer][:, :end], self.values[layer][:, :end]
+            q, keys, values = (t.transpose(1, 2) for t in (q, keys, values))  # SDPA wants (B, H, T, D)
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask[:, None], enable_gqa=keys.shape[1] != q.shape[1]
+            )
+            return out.transpose(1, 2)
+
+        return attend
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         kv_dim = config.n_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, kv_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, kv_dim, bias=False)
+        self.q_proj = nn.Linear(config.dim, config.dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.dim, kv_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.dim, kv_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend, document_ids: Tensor | None) -> Tensor:
@@ -203,6 +282,8 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2L)."""
         for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
             if p.dim() == 1:
                 continue  # RMSNorm gains stay at 1
             std = (
@@ -225,28 +306,55 @@ class Transformer(nn.Module):
             keep[token_ids] = False
             weight[token_ids] = weight[keep].mean(0)
 
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow the embedding (and an untied head) to vocab_size rows, for tokens added to the
+        tokenizer; the new rows start at the mean row (see init_embeddings_as_mean)."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"resize_vocab only grows the vocabulary: {vocab_size} < {old}")
+        self.config = replace(self.config, vocab_size=vocab_size)
+
+        def grown(weight: Tensor) -> nn.Parameter:
+            new = torch.cat([weight, weight.mean(0, keepdim=True).expand(vocab_size - old, -1)])
+            return nn.Parameter(new, requires_grad=weight.requires_grad)
+
+        self.embed_tokens.weight = grown(self.embed_tokens.weight)
+        self.embed_tokens.num_embeddings = vocab_size
+        if self.lm_head is not None:
+            self.lm_head.weight = grown(self.lm_head.weight)
+            self.lm_head.out_features = vocab_size
+
     @property
     def head_weight(self) -> Tensor:
         """The (V, dim) output projection: the embedding matrix itself when tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(
-        self, input_ids: Tensor, position_ids: Tensor | None = None, document_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         """input_ids (B, T) -> final-normed hidden states (B, T, dim).
 
         A packed row passes position_ids (B, T), restarting at 0 for each document so RoPE sees
         what an unpacked run sees, and document_ids (B, T), so attention stays inside a document.
+        Generation passes a cache: input_ids are then the tokens after the cached ones.
         """
-        T = input_ids.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
-        positions = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        attend = ATTENTION_BACKENDS[self.kernels]
+        start = 0 if cache is None else cache.length
+        end = start + input_ids.shape[1]
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
+        positions = torch.arange(start, end, device=input_ids.device) if position_ids is None else position_ids
+        cos, sin = rotary_cos_sin(positions, rotary_frequencies(self.config, input_ids.device))
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            attend = ATTENTION_BACKENDS[self.kernels] if cache is None else cache.attention(i)
             x = layer(x, cos, sin, attend, document_ids)
+        if cache is not None:
+            cache.length = end
         return self.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -19,6 +19,14 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 DEMO_SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
+class UnknownTokenError(KeyError):
+    """A token (a chat format's marker, say) that the vocabulary lacks; `.token` names it."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__(f"token {token!r} is not in the tokenizer's vocabulary")
+        self.token = token
+
+
 class Tokenizer:
     def __init__(self, backend: HFTokenizer, eos_token: str, pad_token: str, bos_token: str | None = None) -> None:
         self.backend = backend
@@ -26,6 +34,7 @@ class Tokenizer:
         # by id, so data can neither fake a turn boundary nor end an answer early.
         self.backend.encode_special_tokens = True
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.chat_template: str | None = None  # a Hugging Face tokenizer's own, kept for export
         if pad_token == eos_token:
             raise ValueError(
                 f"pad token {pad_token!r} equals the eos token: pick a distinct pad token so the "
@@ -56,7 +65,9 @@ class Tokenizer:
         pad = special("pad_token")
         if pad is None or pad == eos:
             pad = cls._first_unused_special(backend, exclude={eos, special("bos_token")})
-        return cls(backend, eos_token=eos, pad_token=pad, bos_token=special("bos_token"))
+        tokenizer = cls(backend, eos_token=eos, pad_token=pad, bos_token=special("bos_token"))
+        tokenizer.chat_template = config.get("chat_template")
+        return tokenizer
 
     @staticmethod
     def _first_unused_special(backend: HFTokenizer, exclude: set[str | None]) -> str:
@@ -94,8 +105,14 @@ class Tokenizer:
     def token_id(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
         if token_id is None:
-            raise KeyError(f"token {token!r} is not in the tokenizer's vocabulary")
+            raise UnknownTokenError(token)
         return token_id
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        """Add tokens the vocabulary lacks (a chat format's markers); -> the ids of the new ones."""
+        new = [token for token in tokens if self.backend.token_to_id(token) is None]
+        self.backend.add_special_tokens(new)
+        return [self.token_id(token) for token in new]
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -109,4 +126,6 @@ class Tokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(folder / "tokenizer.json"))
         config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

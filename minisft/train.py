@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -27,7 +28,9 @@ from torch import Tensor
 from minisft.chat import Example
 from minisft.loss import count_trained_tokens
 from minisft.model import Transformer
-from minisft.packing import pad_batch
+from minisft.packing import Batch, pack_examples, packed_batch, packing_efficiency, pad_batch
+
+Item = TypeVar("Item")  # what a micro-batch is made of: an Example, or a packed row of them
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,9 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def example_stream(examples: list[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
-    """Endless micro-batches; a fresh seeded shuffle every epoch, a short last batch kept."""
+def example_stream(examples: list[Item], batch_size: int, seed: int) -> Iterator[list[Item]]:
+    """Endless micro-batches of examples (or packed rows); a fresh seeded shuffle every epoch, a
+    short last batch kept."""
     if not examples:
         raise ValueError("no training examples")
     rng = random.Random(seed)
@@ -127,16 +131,18 @@ class Progress:
 def optimizer_step(
     model: Transformer,
     optimizer: torch.optim.Optimizer,
-    batches: list[tuple[Tensor, Tensor]],
+    batches: list[Batch | tuple[Tensor, Tensor]],
     num_trained: int,
     grad_clip: float,
 ) -> tuple[Tensor, Tensor]:
     """Accumulate Σ loss / num_trained over the micro-batches, clip, step. -> (loss, grad norm)."""
     device = model.embed_tokens.weight.device
     step_loss = torch.zeros((), device=device)
-    for input_ids, labels in batches:
+    for batch in batches:
+        # A packed batch brings position and document ids; a padded one (or a bare tuple) has None.
+        input_ids, labels, position_ids, document_ids, _ = (None if t is None else t.to(device) for t in Batch(*batch))
         with autocast(device):
-            loss = model.loss(input_ids.to(device), labels.to(device), num_trained)
+            loss = model.loss(input_ids, labels, num_trained, position_ids, document_ids)
         loss.backward()
         step_loss += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
@@ -153,8 +159,14 @@ def train_loop(
     pad_id: int,
     run_dir: str | Path,
     label: str = "train",
+    pack_to: int = 0,
 ) -> dict[str, float]:
     """Train in place; append every logged number to run_dir/metrics.jsonl; return the last eval.
+
+    pack_to=0: each micro-batch is `batch_size` examples, padded. pack_to=N: the training set is
+    packed once into rows of N tokens (best-fit decreasing, `packing.py`) and each micro-batch is
+    `batch_size` such rows. Packing once is enough: best-fit decreasing is deterministic, so
+    repacking every epoch would give the same rows; the rows are reshuffled every epoch instead.
 
     A step whose batches hold no trained token is skipped — AdamW's decay and momentum would still
     move the weights — and logged, warned about and counted (`skipped_steps` in the result).
@@ -163,7 +175,18 @@ def train_loop(
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
-    stream = example_stream(train_set, cfg.batch_size, cfg.seed)
+    if pack_to:
+        rows = pack_examples(train_set, pack_to)
+        efficiency = packing_efficiency(rows, pack_to)
+        print(
+            f"{label}: packed {len(train_set)} examples into {len(rows)} rows of {pack_to} tokens, "
+            f"{efficiency:.1%} of them real (packing efficiency)"
+        )
+        stream = example_stream(rows, cfg.batch_size, cfg.seed)
+        collate = lambda rows: packed_batch(rows, pad_id)
+    else:
+        stream = example_stream(train_set, cfg.batch_size, cfg.seed)
+        collate = lambda examples: Batch(*pad_batch(examples, pad_id))
     progress = Progress(cfg.steps, label)
     model.train()
     last_eval: dict[str, float] = {}
@@ -176,8 +199,8 @@ def train_loop(
             metrics.flush()
 
         for step in range(1, cfg.steps + 1):
-            batches = [pad_batch(next(stream), pad_id) for _ in range(cfg.grad_accum)]
-            num_trained = sum(count_trained_tokens(labels) for _, labels in batches)
+            batches = [collate(next(stream)) for _ in range(cfg.grad_accum)]
+            num_trained = sum(count_trained_tokens(batch.labels) for batch in batches)
             lr = learning_rate(step - 1, cfg)
             if num_trained == 0:
                 skipped += 1
@@ -187,7 +210,7 @@ def train_loop(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 step_loss, grad_norm = optimizer_step(model, optimizer, batches, num_trained, cfg.grad_clip)
-                tokens_since_log += sum(int((ids != pad_id).sum()) for ids, _ in batches)  # pads excluded
+                tokens_since_log += sum(int((batch.input_ids != pad_id).sum()) for batch in batches)  # pads excluded
 
             if num_trained and (step % cfg.log_every == 0 or step == cfg.steps):
                 now = time.perf_counter()

@@ -1,4 +1,6 @@
-"""minisft.data: JSONL conversations in, one DataError naming file:line and field per bad record."""
+"""minisft.data: JSONL conversations in, one DataError naming file:line and field per bad record.
+
+The other layouts, JSON files and the skip policy: test_data_formats.py; malformed input: test_data_fuzz.py."""
 
 import json
 
@@ -46,8 +48,8 @@ def turns(*pairs):
 
 BAD_RECORDS = {
     "invalid json": ('{"messages": [', "invalid JSON"),
-    "not an object": ("[1, 2]", "messages: missing"),
-    "missing messages": (json.dumps({"conversation": []}), "messages: missing"),
+    "not an object": ("[1, 2]", "expected a JSON object, got list [1, 2]"),
+    "no known layout": (json.dumps({"conversation": []}), 'unknown layout: expected a "messages"'),
     "messages not a list": (json.dumps({"messages": "hi"}), "messages: expected a non-empty list"),
     "empty messages": (json.dumps({"messages": []}), "messages: expected a non-empty list"),
     "turn not an object": (json.dumps({"messages": ["hi"]}), "messages[0]: expected an object"),

@@ -6,11 +6,12 @@ causal mask as a -inf upper triangle and repeats K/V heads for grouped-query att
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from minisft.model import ModelConfig, Transformer
+from minisft.model import ModelConfig, Transformer, rotary_frequencies
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,3 +214,52 @@ def test_packed_row_equals_each_document_alone(n_kv_heads):
         torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5 * scale, rtol=1e-5, msg=name)
     # Without the document mask the second and third documents see the first: the guard matters.
     assert not torch.allclose(model(packed, position_ids), alone, atol=1e-3)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_num_params_counts_attention_biases(tie):
+    cfg = tiny_config(attention_bias=True, tie_embeddings=tie)
+    model = Transformer(cfg)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    assert cfg.num_params() - tiny_config(tie_embeddings=tie).num_params() == 2 * (32 + 2 * 16)  # q, k, v biases
+    assert all(not layer.self_attn.k_proj.bias.any() for layer in model.layers)  # biases start at zero
+
+
+def test_llama3_rope_frequencies_follow_metas_reference():
+    """Llama 3.1's `apply_scaling` (Meta's reference code), in plain Python floats, at the real
+    settings: head dim 128, theta 500000, factor 8, low/high 1/4, original context 8192."""
+    cfg = ModelConfig(dim=128 * 4, n_heads=4, n_kv_heads=4, rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0)
+    expected, regimes = [], set()
+    for i in range(64):
+        freq = 1.0 / 500000.0 ** (2 * i / 128)
+        wavelength = 2 * math.pi / freq
+        if wavelength < 8192 / 4:
+            expected.append(freq)
+            regimes.add("kept")
+        elif wavelength > 8192 / 1:
+            expected.append(freq / 8)
+            regimes.add("slowed")
+        else:
+            smooth = (8192 / wavelength - 1) / (4 - 1)
+            expected.append((1 - smooth) * freq / 8 + smooth * freq)
+            regimes.add("blended")
+    assert regimes == {"kept", "slowed", "blended"}
+    got = rotary_frequencies(cfg).double()
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), atol=0, rtol=1e-6)
+    linear = rotary_frequencies(replace(cfg, rope_scaling="linear", rope_factor=4.0))
+    torch.testing.assert_close(linear * 4, rotary_frequencies(replace(cfg, rope_scaling="")), atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_resize_vocab_keeps_old_rows_and_starts_new_ones_at_the_mean(tie):
+    model = randomize(Transformer(tiny_config(tie_embeddings=tie)))
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        before = model.logits(model(ids))
+        old_mean = model.head_weight.mean(0)
+        model.resize_vocab(80)
+        after = model.logits(model(ids))
+    assert model.config.vocab_size == 80 and model.embed_tokens.weight.shape == (80, 32)
+    torch.testing.assert_close(after[..., :64], before, atol=0, rtol=0)
+    torch.testing.assert_close(model.head_weight[64:], old_mean.expand(16, -1), atol=1e-6, rtol=0)
+    assert sum(p.numel() for p in model.parameters()) == model.config.num_params()

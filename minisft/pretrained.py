@@ -1,0 +1,112 @@
+"""Start from a saved model — a minisft checkpoint or a Hugging Face folder — for SFT or chat.
+
+    find_model_folder   a model folder, or the run folder around one
+    load_pretrained     either layout -> (model, tokenizer, chat format or None)
+    start_from          what `train --init PATH` does: load, fit the chat format, freeze
+
+A base model's tokenizer often lacks the chat format's markers (`<|im_start|>`, `<|im_end|>`).
+They are added as special tokens and the embedding (and an untied head) grows to fit, the new rows
+starting at the mean embedding; they are trained and exported with the model (pitfall 14), which
+is why freezing the embeddings is refused when tokens were added.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from minisft.chat import ChatFormat, make_chat_format
+from minisft.checkpoint import load_model
+from minisft.config import ConfigError, RunConfig
+from minisft.hf import is_hf_folder, load_hf
+from minisft.model import ModelConfig, Transformer
+from minisft.tokenizer import Tokenizer, UnknownTokenError
+
+
+def find_model_folder(path: str | Path) -> Path:
+    """PATH itself, or the model a run folder holds (`checkpoints/final`, or the demo's `model`)."""
+    path = Path(path)
+    for folder in (path, path / "checkpoints" / "final", path / "model"):
+        if (folder / "minisft.json").is_file() or is_hf_folder(folder):
+            return folder
+    raise FileNotFoundError(
+        f"no model in {path}: expected a minisft checkpoint (minisft.json), a Hugging Face folder "
+        "(config.json) or a run folder with checkpoints/final"
+    )
+
+
+def load_pretrained(
+    path: str | Path, kernels: str = "torch", dtype: torch.dtype = torch.float32
+) -> tuple[Transformer, Tokenizer, str | None]:
+    """-> (model on CPU, tokenizer, the chat format it was trained with, None if unknown)."""
+    folder = find_model_folder(path)
+    if (folder / "minisft.json").is_file():
+        model, tokenizer, chat_format = load_model(folder, kernels)
+        return model.to(dtype), tokenizer, chat_format
+    return load_hf(folder, kernels, dtype)
+
+
+def fit_chat_format(model: Transformer, tokenizer: Tokenizer, name: str, train_on: str) -> tuple[ChatFormat, list[int]]:
+    """The chat format's renderer, after adding the special tokens it needs and the tokenizer
+    lacks; the embedding grows to a multiple of 64 rows when they do not fit. -> (format, new ids)."""
+    added: list[int] = []
+    while True:
+        try:
+            chat = make_chat_format(name, tokenizer, train_on)
+            break
+        except UnknownTokenError as err:
+            added += tokenizer.add_special_tokens([err.token])
+    if tokenizer.vocab_size > model.config.vocab_size:
+        model.resize_vocab(-(-tokenizer.vocab_size // 64) * 64)  # a multiple of 64 keeps the head matmul aligned
+    return chat, added
+
+
+def freeze(model: Transformer, embeddings: bool, first_layers: int) -> None:
+    """Stop training the token embedding (the output head too, when tied) and the first layers."""
+    if first_layers > model.config.n_layers:
+        raise ConfigError(f"freeze_layers={first_layers} but the model has {model.config.n_layers} layers")
+    frozen = [model.embed_tokens] * embeddings + list(model.layers[:first_layers])
+    for module in frozen:
+        module.requires_grad_(False)
+
+
+def _check_model_keys(config: RunConfig, loaded: ModelConfig, init: str) -> None:
+    """[model] keys are the folder's to set; one a user set to something else is an error (equal values,
+    as in the config.toml a run writes, are fine)."""
+    default = ModelConfig()
+    for f in fields(ModelConfig):
+        asked, got = getattr(config.model, f.name), getattr(loaded, f.name)
+        if asked != getattr(default, f.name) and asked != got:
+            raise ConfigError(f"model.{f.name} = {asked!r}, but {init} has {got!r}: with init, the model is {init}'s")
+
+
+def start_from(config: RunConfig, kernels: str) -> tuple[Transformer, Tokenizer, ChatFormat, RunConfig]:
+    """`train --init PATH`: the model and tokenizer of PATH, fitted to data.chat_format, frozen as
+    the config says; -> (model on CPU, tokenizer, chat format, config with the model's shape)."""
+    if config.data.tokenizer:
+        raise ConfigError(f"data.tokenizer is set, but init={config.init} brings its own tokenizer: leave it empty")
+    model, tokenizer, saved_format = load_pretrained(config.init, kernels)
+    if saved_format not in (None, config.data.chat_format):
+        print(
+            f"note: {config.init} was trained with chat format {saved_format!r}; this run renders "
+            f"{config.data.chat_format!r} (data.chat_format)",
+            file=sys.stderr,
+        )
+    chat, added = fit_chat_format(model, tokenizer, config.data.chat_format, config.data.train_on)
+    if added:
+        if config.freeze_embeddings:
+            raise ConfigError(
+                f"freeze_embeddings would leave the {len(added)} tokens added for chat format "
+                f"{chat.name!r} untrained: unfreeze the embeddings, or pick a format the tokenizer has"
+            )
+        names = ", ".join(tokenizer.backend.id_to_token(i) for i in added)
+        print(f"added {names} to the tokenizer; embedding now {model.config.vocab_size} rows (new ones at the mean)")
+    freeze(model, config.freeze_embeddings, config.freeze_layers)
+    if config.freeze_embeddings or config.freeze_layers:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"frozen as asked: {trained / 1e6:.2f}M of {model.config.num_params() / 1e6:.2f}M parameters train")
+    _check_model_keys(config, model.config, config.init)
+    return model, tokenizer, chat, replace(config, model=model.config)

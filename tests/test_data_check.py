@@ -1,0 +1,206 @@
+"""`python -m minisft data check`, `scripts/explain_example.py`, and `train` with the new data
+options — run in-process, their output compared with values the tests build themselves."""
+
+import importlib.util
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from minisft.__main__ import main
+from minisft.chat import ChatML
+from minisft.datacheck import histogram
+from minisft.tokenizer import Tokenizer
+
+WORDS = "the cat sat on a mat and then it ran far away from home to see the sea".split()
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tok")
+    Tokenizer.train_bpe([" ".join(WORDS) + " 0123456789 user assistant"], vocab_size=300).save(folder)
+    return folder
+
+
+def messages(q: str, a: str) -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def near_copy(record: dict, rng: random.Random, n: int) -> dict:
+    """The same words, with other case, punctuation and spacing (n spaces: no two copies alike)."""
+    turns = record["messages"]
+    q = turns[0]["content"].upper().replace(" ", "  ,", 1) + " " * n + "?!"
+    a = "\n" + turns[1]["content"].title() + "..."
+    return messages(q, a) if rng.random() < 0.5 else {"prompt": q, "completion": a}
+
+
+@pytest.mark.slow  # ~4 s on an idle 2-core box (2 of them the check itself), more under load
+def test_data_check_on_100k_records_is_fast_and_counts_duplicates(tmp_path, capsys):
+    rng = random.Random(0)
+    lines, exact, near, bad = [], 0, 0, 0
+    records = []
+    for i in range(100_000):
+        roll = rng.random()
+        if records and roll < 0.03:
+            lines.append(json.dumps(rng.choice(records)))
+            exact += 1
+        elif records and roll < 0.05:
+            lines.append(json.dumps(near_copy(rng.choice(records), rng, i)))
+            near += 1
+        elif roll < 0.0502:
+            lines.append(json.dumps(messages("q", " \n ")) if rng.random() < 0.5 else '{"messages": [')
+            bad += 1
+        else:
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) + f" #{i}"  # unique
+            records.append(messages(q, " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40)))))
+            lines.append(json.dumps(records[-1]))
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert exact > 2000 and near > 1000 and bad > 5
+
+    start = time.perf_counter()
+    code = main(["data", "check", str(path)])
+    took = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert took < 8, f"data check took {took:.1f} s on 100k records"
+    assert code == 2  # the file holds bad records
+    assert f"records: 100000 read, {100_000 - bad} valid, {bad} bad" in out
+    assert f"duplicates: {exact} exact, {exact + near} near-exact" in out
+    assert "lengths in characters (no tokenizer given)" in out
+
+
+def test_data_check_report_with_a_tokenizer(tmp_path, tok_dir, capsys):
+    tok = Tokenizer.from_file(tok_dir)
+    records = [
+        messages("the cat", "sat on a mat"),
+        {"instruction": "see", "input": "the sea", "output": "it ran far away from home"},
+        {"prompt": "then", "completion": " ".join(WORDS * 3)},
+        messages("the cat", "sat on a mat"),  # an exact duplicate
+        {"prompt": "THE  cat!", "completion": "Sat on a mat."},  # a near-exact one
+        {"prompt": "home", "completion": "   "},  # an empty answer
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code = main(["data", "check", str(path), "--tokenizer", str(tok_dir), "--max-seq-len", "40"])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert "records: 6 read, 5 valid, 1 bad" in out
+    assert "layouts: alpaca 1, messages 2, prompt_completion 2" in out
+    assert f"  {path}:6: completion: empty assistant turn (nothing to train on)" in out
+    assert "empty or whitespace-only answers: 1" in out
+    assert "duplicates: 1 exact, 2 near-exact" in out
+
+    answers = ["sat on a mat", "it ran far away from home", " ".join(WORDS * 3), "sat on a mat", "Sat on a mat."]
+    trained = sum(len(tok.encode(a)) + 1 for a in answers)  # each answer and its <|im_end|>
+    valid = [records[i] for i in (0, 1, 2, 3, 4)]
+    chat = ChatML(tok)
+    lengths = [len(chat.render(m).input_ids) for m in (
+        r.get("messages") or [{"role": "user", "content": r.get("prompt") or f"{r['instruction']}\n\n{r['input']}"},
+                              {"role": "assistant", "content": r.get("completion") or r.get("output")}]
+        for r in valid
+    )]  # fmt: skip
+    assert f"trained tokens: {trained} of {sum(lengths)} ({trained / sum(lengths):.1%})" in out
+    assert f"longer than 40 tokens: {sum(n > 40 for n in lengths)} (0 of them would lose" in out
+    assert sum(n > 40 for n in lengths) == 1
+
+
+def test_histogram_buckets_by_hand():
+    lines = histogram([0, 1, 2, 3, 5], [3, 3, 4, 7, 9], "chars", width=4)
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert list(rows) == ["0", "1-1", "2-3", "4-7", "8-15"]
+    assert rows["0"] == ["1", "##", "0"]  # peak count 2 = 4 marks
+    assert rows["1-1"] == ["1", "##", "0"]
+    assert rows["2-3"] == ["2", "####", "2", "####"]
+    assert rows["4-7"] == ["1", "##", "2", "####"]
+    assert rows["8-15"] == ["0", "1", "##"]
+
+
+def test_data_check_unknown_option_and_missing_file(tmp_path, capsys):
+    assert main(["data", "check", str(tmp_path / "absent.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- explain_example.py
+
+
+def load_script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "explain_example.py"
+    spec = importlib.util.spec_from_file_location("explain_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_explain_example_shows_tokens_labels_positions_and_documents(tmp_path, tok_dir, capsys):
+    tok = Tokenizer.from_file(tok_dir)
+    records = [messages("the cat", "sat on a mat"), messages("see", "the sea"), messages("home", "far away")]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert load_script().main([str(path), "--tokenizer", str(tok_dir), "--record", "2", "--max-seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "document 0 of a packed row of 2 documents" in lines[0]  # record 2, packed with record 3
+
+    example = ChatML(tok).render(records[1]["messages"])
+    trained = [label for label in example.labels if label != -100]
+    first = next(t for t, label in enumerate(example.labels) if label != -100)  # input t predicts trained token 0
+
+    def text(ids):
+        return "".join(tok.decode([i], skip_special_tokens=False) for i in ids)
+
+    header, view, _ = out.split("\n\n")
+    rest = example.input_ids[first + 1 + len(trained) :]  # this tokenizer's " \n" separator is two tokens
+    assert view == text(example.input_ids[: first + 1]) + "[" + text(trained) + "]" + text(rest)
+    assert text(trained).endswith("<|im_end|>") and "the sea" in text(trained)
+
+    table = [line for line in lines if re.match(r"^\s+\d+\s+\d+\s+\d+\s", line)]
+    docs = [int(line.split()[1]) for line in table]
+    lengths = [len(ChatML(tok).render(r["messages"]).input_ids) for r in records[1:]]
+    assert len(table) == sum(lengths)
+    ours = [line for line in table if line.split()[1] == "0"]
+    assert [int(line.split()[0]) for line in ours] == list(range(len(example.input_ids)))  # position ids
+    assert [int(line.split()[2]) for line in ours] == example.input_ids
+    assert sum("*" in line for line in ours) == example.num_trained_tokens
+    assert sorted(set(docs)) == [0, 1]
+
+
+# ---------------------------------------------------------------- train with the data options
+
+
+def test_train_command_with_alpaca_json_packing_and_skips(tmp_path, tok_dir, capsys, one_thread):
+    rng = random.Random(0)
+
+    def words(n):
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    records = [{"instruction": words(4), "output": words(6)} for _ in range(30)]
+    records.insert(3, {"instruction": "x", "output": ""})
+    (tmp_path / "train.json").write_text(json.dumps(records, indent=1))
+    args = [
+        "train",
+        *("--out_dir", str(tmp_path / "run"), "--data.train_file", str(tmp_path / "train.json")),
+        *("--data.tokenizer", str(tok_dir), "--data.on_error", "skip", "--data.packing", "true"),
+        *("--data.max_seq_len", "48", "--model.max_seq_len", "48", "--model.vocab_size", "320"),
+        *("--model.dim", "32", "--model.n_layers", "1", "--model.ffn_dim", "64"),
+        *("--steps", "4", "--batch_size", "2", "--log_every", "2", "--eval_every", "0"),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "30 examples from 30 records (30 alpaca); 1 bad records skipped (1 empty answer)" in out
+    assert re.search(r"packed 30 examples into \d+ rows of 48 tokens, \d+\.\d% of them real", out)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [2, 4]
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "final" / "minisft.json").read_text())
+    assert meta["chat_format"] == "chatml"
+
+
+def test_train_command_refuses_a_chat_format_the_tokenizer_lacks(tmp_path, tok_dir, capsys):
+    (tmp_path / "t.jsonl").write_text(json.dumps(messages("a", "b")) + "\n")
+    args = ["train", "--data.train_file", str(tmp_path / "t.jsonl"), "--data.tokenizer", str(tok_dir)]
+    assert main([*args, "--data.chat_format", "llama3"]) == 2
+    assert "chat format 'llama3' does not fit this tokenizer" in capsys.readouterr().err
+    assert main([*args, "--data.too_long", "cut"]) == 2
+    assert "data.too_long: 'cut' is not one of drop, truncate" in capsys.readouterr().err
