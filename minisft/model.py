@@ -7,8 +7,8 @@ layout (`layers.0.self_attn.q_proj.weight`, ...) so a pretrained checkpoint maps
 name for name.
 
 Attention and the loss are pluggable: `Transformer(config, kernels="torch")` uses PyTorch
-(SDPA and `F.cross_entropy`); the Triton kernels in `triton_kernels/` register themselves as
-further backends. Generation passes a `KVCache` instead, which stores each layer's keys and values
+(SDPA and `F.cross_entropy`), `kernels="triton"` the kernels in `triton_kernels/` (see
+ATTENTION_BACKENDS here and LOSS_BACKENDS in loss.py). Generation passes a `KVCache` instead, which stores each layer's keys and values
 so a step runs only the new token. Classes read bottom-up: norm -> rotary -> attention (and its
 cache) -> MLP -> block -> model.
 """
@@ -157,7 +157,8 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None
     """Causal attention with PyTorch SDPA. q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D).
 
     With document_ids (B, T), a packed row's token attends only to earlier tokens of its own
-    document — through an explicit (B, 1, T, T) mask, which is what the Triton kernel avoids.
+    document — a contiguous run of equal ids, as packing writes them and as the Triton kernel reads
+    them — through an explicit (B, 1, T, T) mask, which is what the Triton kernel avoids.
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants (B, H, T, D)
     gqa = k.shape[1] != q.shape[1]
@@ -166,7 +167,8 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None
     else:
         T = q.shape[2]
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        same_document = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+        runs = F.pad(document_ids.diff(dim=1).ne(0), (1, 0)).cumsum(dim=1)  # run number of each token
+        same_document = runs[:, :, None] == runs[:, None, :]  # (B, T, T)
         mask = (causal & same_document)[:, None]  # (B, 1, T, T)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)

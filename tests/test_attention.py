@@ -145,6 +145,9 @@ def test_a_repeated_id_starts_a_new_document():
     ):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
     torch.testing.assert_close(attention_reference(q, k, v, ids), ours[0], atol=1e-5, rtol=1e-5)
+    from minisft.model import attention_torch  # the model's PyTorch backend reads ids the same way
+
+    torch.testing.assert_close(attention_torch(q, k, v, ids), ours[0], atol=1e-5, rtol=1e-5)
 
 
 def test_document_bounds():
