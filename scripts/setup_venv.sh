@@ -8,4 +8,4 @@ source .venv/bin/activate
 if ! python -c "import torch" 2>/dev/null; then
     pip install --quiet "torch==2.13.0"
 fi
-pip install --quiet -e ".[test,reference]"
+pip install --quiet -e ".[test,reference,plot]"
