@@ -1,6 +1,6 @@
 # Sourced by demo.sh and test.sh: create .venv if missing, install minisft into it, activate it.
 # torch is pinned first: an unpinned `pip install torch` pulls several GB of CUDA wheels, while
-# torch==2.13.0 is the CPU build (and on a GPU machine the torch already installed is kept).
+# torch==2.13.0 is the CPU build. (A GPU machine runs scripts/gpu_suite.sh with its own torch.)
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi

@@ -5,44 +5,20 @@ step, one prompt at a time: no cache, no padding. The cached, batched, left-padd
 produce the same tokens. (The comparison with transformers' `generate` is in test_hf.py.)
 """
 
-import math
-
 import pytest
 import torch
 
 from minisft.generate import generate, pick_next
 from minisft.model import KVCache, ModelConfig, Transformer
 
+from helpers import greedy_without_cache, sharpen_
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(**overrides) -> Transformer:
-    """Weights of scale 1/sqrt(fan_in): sharp attention and logits of order 1, so a wrong cache
-    position or a leaked pad changes the argmax."""
     config = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=48)
-    model = Transformer(ModelConfig(**{**config, **overrides}))
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif p.dim() == 1:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 2 / math.sqrt(p.shape[1]))
-    return model.eval()
-
-
-def no_cache_greedy(model: Transformer, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            token = int(model.logits(model(torch.tensor([seq])))[0, -1].argmax())
-            if token in stop_ids:
-                break
-            out.append(token)
-            seq.append(token)
-    return out
+    return sharpen_(Transformer(ModelConfig(**{**config, **overrides})), seed=7)
 
 
 PROMPTS = [[3, 14, 15, 9, 2, 6, 5, 35, 8, 9], [1], [27, 18, 28], [50, 40, 30, 20, 10]]
@@ -58,12 +34,12 @@ MODELS = {
 @pytest.mark.parametrize("variant", MODELS)
 def test_cached_batched_generation_equals_no_cache_generation(variant):
     model = random_model(**MODELS[variant])
-    free = [no_cache_greedy(model, p, 20, set()) for p in PROMPTS]
+    free = [greedy_without_cache(model, p, 20, set()) for p in PROMPTS]
     assert generate(model, PROMPTS, 20, set()) == free
     assert len({tuple(f) for f in free}) == len(free)  # the rows really differ
     # A stop id that ends the first row midway but never comes in another: rows finish apart.
     stop = next(t for t in free[0][1:] if any(t not in f for f in free[1:]))
-    expected = [no_cache_greedy(model, p, 20, {stop}) for p in PROMPTS]
+    expected = [greedy_without_cache(model, p, 20, {stop}) for p in PROMPTS]
     assert len(expected[0]) < 20 and any(len(e) == 20 for e in expected)
     assert generate(model, PROMPTS, 20, {stop}) == expected
 

@@ -18,6 +18,8 @@ from minisft.generate import generate
 from minisft.hf import CheckpointError, export_hf, load_hf
 from minisft.tokenizer import Tokenizer
 
+from helpers import sharpen_
+
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,17 +68,7 @@ def hf_model(architecture: str, **overrides):
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     )
-    model = model_class(config_class(**{**sizes, **overrides}))
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif p.dim() == 1:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 2 / math.sqrt(p.shape[1]))
-    return model.eval()
+    return sharpen_(model_class(config_class(**{**sizes, **overrides})), seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from minisft.packing import pad_batch
 from minisft.tokenizer import Tokenizer
 from minisft.train import TrainConfig, evaluate, example_stream, learning_rate, train_loop
 
+from helpers import greedy_without_cache
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -110,27 +112,15 @@ def test_pad_batch():
 # ---------------------------------------------------------------- greedy decoding
 
 
-def naive_greedy(model, prompt, max_new_tokens, stop_ids):
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            token = int(model.logits(model(torch.tensor([seq])))[0, -1].argmax())
-            if token in stop_ids:
-                break
-            out.append(token)
-            seq.append(token)
-    return out
-
-
 def test_generate_greedy_matches_one_prompt_at_a_time():
     model = tiny_model(scale=3.0).eval()
     prompts = [[3, 14, 15, 9, 2, 6, 5], [1], [27, 18, 28], [50, 40, 30, 20]]
-    free = [naive_greedy(model, p, 12, set()) for p in prompts]
+    free = [greedy_without_cache(model, p, 12, set()) for p in prompts]
     # a stop id that ends one prompt midway, so rows finish at different steps
     stop = free[0][4]
     assert stop not in free[0][:4]
     stop_ids = {stop, 63}
-    expected = [naive_greedy(model, p, 12, stop_ids) for p in prompts]
+    expected = [greedy_without_cache(model, p, 12, stop_ids) for p in prompts]
     assert len(expected[0]) == 4
     assert len({len(e) for e in expected}) > 1
     assert generate_greedy(model, prompts, 12, stop_ids) == expected

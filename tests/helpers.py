@@ -1,0 +1,34 @@
+"""Small helpers shared by several test files (pytest puts tests/ on sys.path)."""
+
+import math
+
+import torch
+
+
+def sharpen_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights of scale 1/sqrt(fan_in), norm gains != 1, non-zero biases: logits of order 1 and
+    sharp attention, so a wrong cache position, a leaked pad or a mismatched weight changes the
+    argmax. In place; returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif p.dim() == 1:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 2 / math.sqrt(p.shape[1]))
+    return model.eval()
+
+
+def greedy_without_cache(model, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+    """The obvious reference: rerun the whole sequence, take the argmax of the last position."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model.logits(model(torch.tensor([seq])))[0, -1].argmax())
+            if token in stop_ids:
+                break
+            out.append(token)
+            seq.append(token)
+    return out
