@@ -8,9 +8,9 @@ name for name.
 
 Attention and the loss are pluggable: `Transformer(config, kernels="torch")` uses PyTorch
 (SDPA and `F.cross_entropy`), `kernels="triton"` the kernels in `triton_kernels/` (see
-ATTENTION_BACKENDS here and LOSS_BACKENDS in loss.py). Generation passes a `KVCache` instead, which stores each layer's keys and values
-so a step runs only the new token. Classes read bottom-up: norm -> rotary -> attention (and its
-cache) -> MLP -> block -> model.
+ATTENTION_BACKENDS here and LOSS_BACKENDS in loss.py). Generation passes a `KVCache` instead,
+which stores each layer's keys and values so a step runs only the new token. Classes read
+bottom-up: norm -> rotary -> attention (and its cache) -> MLP -> block -> model.
 """
 
 from __future__ import annotations
