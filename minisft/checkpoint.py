@@ -7,17 +7,30 @@
 The chat format travels with the weights so chat and generation render prompts exactly as
 training did. A folder is written under a temporary name, flushed to disk, then renamed: a crash
 mid-save leaves the previous folder whole. Nothing here unpickles anything.
+
+A training checkpoint (RUN_DIR/checkpoints/step_N/, and checkpoints/best) is a model folder plus
+what resuming needs:
+
+    optimizer.safetensors        AdamW's per-parameter tensors, named "state.<param index>.<key>"
+    optimizer.json               its param_groups (lr, betas, ...) and any non-tensor state
+    rng.safetensors              torch's CPU generator state, and each CUDA device's
+    trainer_state.json           step, data-stream position, Python's RNG state, best eval loss, ...
+
+A step_N folder appears only by the final rename, so one that exists is complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from minisft.model import ModelConfig, Transformer
@@ -44,16 +57,31 @@ def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+    # The renames live in the parent folder's entries: flush those too, or a power cut may undo them.
+    parent = os.open(folder.parent, os.O_RDONLY)
+    try:
+        os.fsync(parent)
+    finally:
+        os.close(parent)
     return folder
+
+
+def write_weights(folder: Path, model: Transformer) -> None:
+    weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    save_file(weights, str(folder / "model.safetensors"))
+
+
+def write_model_meta(folder: Path, config: ModelConfig, tokenizer: Tokenizer, chat_format: str) -> None:
+    """What makes model.safetensors a usable model: its shape, its tokenizer, its chat format."""
+    meta = {"model": asdict(config), "chat_format": chat_format}
+    (folder / "minisft.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tokenizer.save(folder)
 
 
 def save_model(folder: str | Path, model: Transformer, tokenizer: Tokenizer, chat_format: str) -> Path:
     def write(tmp: Path) -> None:
-        weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
-        meta = {"model": asdict(model.config), "chat_format": chat_format}
-        (tmp / "minisft.json").write_text(json.dumps(meta, indent=2) + "\n")
-        tokenizer.save(tmp)
+        write_weights(tmp, model)
+        write_model_meta(tmp, model.config, tokenizer, chat_format)
 
     return write_folder(folder, write)
 
@@ -68,3 +96,95 @@ def load_model(folder: str | Path, kernels: str = "torch") -> tuple[Transformer,
     model = Transformer(ModelConfig(**meta["model"]), kernels=kernels)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model, Tokenizer.from_file(folder), meta["chat_format"]
+
+
+# ---------------------------------------------------------------- training checkpoints
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Weights, optimizer, RNG states and trainer_state (JSON-able) -> folder, atomically.
+    write_extra(tmp) adds files of the caller's (the CLI: tokenizer, chat format, config.toml)."""
+
+    def write(tmp: Path) -> None:
+        write_weights(tmp, model)
+        tensors, groups, scalars = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps({"param_groups": groups, "state": scalars}, indent=2))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+        save_file(rng, str(tmp / "rng.safetensors"))
+        state = trainer_state | {"python_rng": random.getstate()}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
+
+    return write_folder(folder, write)
+
+
+def load_checkpoint(folder: str | Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore weights, optimizer and RNG states in place from `save_checkpoint`'s folder;
+    -> the trainer state."""
+    folder = Path(folder)
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a training checkpoint (no trainer_state.json)")
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    saved = json.loads((folder / "optimizer.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), saved))
+    rng = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
+    state = json.loads(state_file.read_text())
+    version, internal, gauss = state.pop("python_rng")  # JSON turned its tuples into lists
+    random.setstate((version, tuple(internal), gauss))
+    return state
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[dict], dict[str, dict]]:
+    """An optimizer's state_dict -> (named tensors, param_groups, non-tensor per-parameter state)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, state_dict["param_groups"], scalars
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
+    state: dict[int, dict] = {int(index): dict(entries) for index, entries in saved["state"].items()}
+    for name, tensor in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = tensor
+    groups = [
+        group | {"betas": tuple(group["betas"])} if "betas" in group else group for group in saved["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+STEP_FOLDER = re.compile(r"step_(\d+)")
+
+
+def step_checkpoints(checkpoints: str | Path) -> list[Path]:
+    """The complete step_N folders under `checkpoints`, oldest first (a *.tmp one is a torn save)."""
+    checkpoints = Path(checkpoints)
+    if not checkpoints.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if (m := STEP_FOLDER.fullmatch(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def prune_checkpoints(checkpoints: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` step_N folders (never `best`)."""
+    for path in step_checkpoints(checkpoints)[:-keep]:
+        shutil.rmtree(path)

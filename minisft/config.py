@@ -45,6 +45,8 @@ class DataConfig:
     max_seq_len: int = 512  # tokens per example (and per packed row)
     too_long: str = "drop"  # a longer example: drop it, or truncate it (both counted and reported)
     packing: bool = False  # pack whole examples into rows of max_seq_len instead of padding each
+    plain_text_eval: str = ""  # plain text, one document per line: its loss (eval_loss/plain_text) shows forgetting
+    cache_dir: str = "~/.cache/minisft/data"  # rendered data is cached here, keyed by content ("" = no cache)
 
     def __post_init__(self) -> None:
         choices = {

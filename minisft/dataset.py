@@ -7,6 +7,10 @@ it touches is counted in the report:
     truncate   it is cut to max_seq_len tokens; if the cut removed every trained token (the
                answer began past the limit) it is left out too — an example that trains on
                nothing would only look like data.
+
+With a `cache_dir`, the rendered examples and the report are cached on disk (`data_cache.py`),
+keyed by the file's content, the tokenizer and every setting above: a re-run reads the tokens
+back instead of rendering again.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minisft import data_cache
 from minisft.chat import ChatFormat, Example
 from minisft.data import ReadStats, read_conversations
 
@@ -30,6 +35,7 @@ class LoadReport:
     truncated: int = 0  # cut to max_seq_len and kept
     answer_cut_off: int = 0  # cut to max_seq_len with no trained token left: left out
     max_seq_len: int = 0
+    cached: str = ""  # the cache entry the examples were read from ("" when rendered in this run)
 
     def summary(self) -> str:
         """One paragraph a user reads before training starts."""
@@ -44,6 +50,8 @@ class LoadReport:
             parts.append(f"{self.truncated} truncated to {self.max_seq_len} tokens")
         if self.answer_cut_off:
             parts.append(f"{self.answer_cut_off} left out: truncation cut off their whole answer")
+        if self.cached:
+            parts.append(f"tokens read from the cache {self.cached}")
         return "; ".join(parts)
 
 
@@ -64,10 +72,19 @@ def load_examples(
     layout: str = "auto",
     on_error: str = "fail",
     too_long: str = "drop",
+    cache_dir: str | Path = "",
 ) -> tuple[list[Example], LoadReport]:
-    """Read, validate and render a file; -> (examples, what happened to every record)."""
+    """Read, validate and render a file; -> (examples, what happened to every record).
+
+    cache_dir: where rendered files are cached ("": no cache, render every time)."""
     if too_long not in TOO_LONG:
         raise ValueError(f"too_long must be one of {TOO_LONG}, got {too_long!r}")
+    cache_dir = cache_dir if Path(path).is_file() else ""  # a missing file is read's error to name
+    if cache_dir:
+        key = data_cache.cache_key(path, chat, max_seq_len, layout, on_error, too_long)
+        hit = data_cache.load(cache_dir, key, path, LoadReport)
+        if hit is not None:
+            return hit
     report = LoadReport(str(path), max_seq_len=max_seq_len)
     examples: list[Example] = []
     counters = {"dropped": "dropped_too_long", "truncated": "truncated", "answer cut off": "answer_cut_off"}
@@ -89,4 +106,6 @@ def load_examples(
     if batch:
         render(batch)
     report.examples = len(examples)
+    if cache_dir:
+        data_cache.save(cache_dir, key, examples, report)
     return examples, report

@@ -77,10 +77,13 @@ class DemoConfig:
     model: ModelConfig = ModelConfig(
         vocab_size=384, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=64
     )
+    # No mid-run checkpoints: each stage is two minutes at most, and its model is saved at the end.
     pretrain: TrainConfig = TrainConfig(
-        steps=800, batch_size=64, lr=3e-3, warmup_steps=30, eval_every=100, log_every=20
+        steps=800, batch_size=64, lr=3e-3, warmup_steps=30, eval_every=100, log_every=20, save_every=0
     )
-    sft: TrainConfig = TrainConfig(steps=300, batch_size=64, lr=6e-4, warmup_steps=10, eval_every=50, log_every=20)
+    sft: TrainConfig = TrainConfig(
+        steps=300, batch_size=64, lr=6e-4, warmup_steps=10, eval_every=50, log_every=20, save_every=0
+    )
 
 
 def make_items(rng: random.Random, n: int, exclude: set[tuple[str, str]]) -> list[tuple[Task, str, str]]:

@@ -1,5 +1,6 @@
 """The benchmark scripts run anywhere: on a machine without a GPU they say so and exit 0."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,11 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+GPU_BENCHMARKS = sorted(p for p in (REPO_ROOT / "benchmarks").glob("bench_*.py") if p.name != "bench_tokenize.py")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the benchmark really runs (scripts/gpu_suite.sh)")
-@pytest.mark.parametrize("script", sorted((REPO_ROOT / "benchmarks").glob("bench_*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("script", GPU_BENCHMARKS, ids=lambda p: p.name)
 def test_benchmark_on_cpu_says_so_and_exits_0(script):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -40,3 +44,15 @@ def test_train_step_flop_count_matches_a_hand_count():
     batch = packed_batch(3, 128, 512, seed=0, device="cpu")
     assert all(sum(row) == 128 for row in batch["lengths"])
     assert batch["position_ids"][0, 0] == 0 and batch["document_ids"].shape == (3, 128)
+
+
+def test_tokenize_benchmark_runs_on_a_cpu(tmp_path):
+    """The tokenization benchmark is a CPU one: two copies of the demo file, results to tmp_path."""
+    script = REPO_ROOT / "benchmarks" / "bench_tokenize.py"
+    args = [sys.executable, str(script), "--copies", "2", "--results", str(tmp_path)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if "not found" in result.stdout:  # a clone without ../shared/data
+        return
+    rows = json.loads((tmp_path / "tokenize.json").read_text())["rows"]
+    assert [r["load"] for r in rows] == ["no cache", "cold", "warm"] and rows[0]["records"] == 1998
