@@ -32,3 +32,21 @@ def greedy_without_cache(model, prompt: list[int], max_new_tokens: int, stop_ids
             out.append(token)
             seq.append(token)
     return out
+
+
+def assert_packed_equals_alone(model, examples, batch, leak_tolerance: float = 1e-4) -> None:
+    """A packed batch's loss and gradients equal those of its examples run one by one (no padding,
+    no neighbours) — and without the packing ids they would not, so the check can fail."""
+    n = sum(e.num_trained_tokens for e in examples)
+    model.zero_grad()
+    alone = sum(model.loss(torch.tensor([e.input_ids]), torch.tensor([e.labels]), n) for e in examples)
+    alone.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    packed = model.loss(batch.input_ids, batch.labels, n, batch.position_ids, batch.document_ids)
+    packed.backward()
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    leaky = model.loss(batch.input_ids, batch.labels, n)  # packing without its boundaries: the bug
+    assert not torch.allclose(leaky, alone, atol=leak_tolerance, rtol=leak_tolerance)

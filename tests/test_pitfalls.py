@@ -37,6 +37,8 @@ from minisft.train import TrainConfig, optimizer_step, train_loop
 from triton_kernels.attention import attention, attention_reference
 from triton_kernels.cross_entropy import cross_entropy, linear_cross_entropy
 
+from helpers import assert_packed_equals_alone
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONVERSATION = [
@@ -226,21 +228,7 @@ def test_pitfall_05_packed_documents_never_see_each_other(tok):
     for a, b in zip(starts[:-1], starts[1:], strict=True):
         assert batch.position_ids[0, a:b].tolist() == list(range(b - a))  # positions restart per document
 
-    model = tiny_model(tok.vocab_size, max_seq_len=256)
-    n = sum(d.num_trained_tokens for d in documents)
-    alone = sum(model.loss(torch.tensor([d.input_ids]), torch.tensor([d.labels]), n) for d in documents)
-    alone.backward()
-    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    packed = model.loss(batch.input_ids, batch.labels, n, batch.position_ids, batch.document_ids)
-    packed.backward()
-    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
-
-    # Packing without the boundaries — the bug — gives another loss on this very row.
-    leaky = model.loss(batch.input_ids, batch.labels, n)
-    assert not torch.allclose(leaky, alone, atol=1e-4, rtol=1e-4)
+    assert_packed_equals_alone(tiny_model(tok.vocab_size, max_seq_len=256), documents, batch)
 
 
 # ---------------------------------------------------------------- 6. doubled BOS
