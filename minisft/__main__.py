@@ -84,6 +84,9 @@ def train_command(config: RunConfig, resume: bool = False) -> None:
     ranks = distributed.setup()
     try:
         train_run(config, ranks, resume)
+        # Wait for rank 0's final save before any rank leaves: a rank tearing down its process
+        # group while another still works can abort the others. (Not on errors: it could hang.)
+        distributed.barrier()
     finally:
         distributed.teardown()
 

@@ -66,8 +66,9 @@ def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
     return folder
 
 
-def write_weights(folder: Path, model: Transformer) -> None:
-    weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+def write_weights(folder: Path, model: Transformer, state_dict: dict | None = None) -> None:
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    weights = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
     save_file(weights, str(folder / "model.safetensors"))
 
 
@@ -107,13 +108,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict,
     write_extra: Callable[[Path], None] | None = None,
+    states: tuple[dict, dict] | None = None,
 ) -> Path:
     """Weights, optimizer, RNG states and trainer_state (JSON-able) -> folder, atomically.
-    write_extra(tmp) adds files of the caller's (the CLI: tokenizer, chat format, config.toml)."""
+    write_extra(tmp) adds files of the caller's (the CLI: tokenizer, chat format, config.toml).
+    states: (model, optimizer) state dicts to write instead of the model's and optimizer's own
+    (FSDP2's, gathered whole: `Replica.full_state`)."""
+    model_state, optimizer_state = states or (model.state_dict(), optimizer.state_dict())
 
     def write(tmp: Path) -> None:
-        write_weights(tmp, model)
-        tensors, groups, scalars = _flatten_optimizer(optimizer.state_dict())
+        write_weights(tmp, model, model_state)
+        tensors, groups, scalars = _flatten_optimizer(optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps({"param_groups": groups, "state": scalars}, indent=2))
         rng = {"torch": torch.get_rng_state()}
@@ -128,16 +133,27 @@ def save_checkpoint(
     return write_folder(folder, write)
 
 
-def load_checkpoint(folder: str | Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(
+    folder: str | Path,
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    load_states: Callable[[dict, dict], None] | None = None,
+) -> dict:
     """Restore weights, optimizer and RNG states in place from `save_checkpoint`'s folder;
-    -> the trainer state."""
+    -> the trainer state. load_states(model_state, optimizer_state), when given, loads the two
+    state dicts instead of load_state_dict (FSDP2: `Replica.load_full_state`)."""
     folder = Path(folder)
     state_file = folder / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{folder} is not a training checkpoint (no trainer_state.json)")
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model_state = load_file(str(folder / "model.safetensors"))
     saved = json.loads((folder / "optimizer.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), saved))
+    optimizer_state = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), saved)
+    if load_states is not None:
+        load_states(model_state, optimizer_state)
+    else:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
     rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():

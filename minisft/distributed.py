@@ -6,6 +6,12 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `setup` joins the process group (
 gloo on CPUs). Every rank holds a full replica of the model and reads its own share of each
 optimizer step's micro-batches (see `train.py`); DDP sums the gradients across ranks during the
 backward pass. Launched as a plain `python -m minisft`, none of this runs: one rank, no group.
+
+With `train.fsdp = true` (for a model that does not fit one GPU) each rank holds only a shard of
+every parameter, gradient and AdamW moment instead (FSDP2, `fully_shard`): each Block, then the
+rest of the model, is all-gathered for its forward and backward, and the gradients are
+reduce-scattered. Checkpoints keep the one-process format: `full_state` gathers whole state dicts
+on rank 0, `load_full_state` sends them back out from rank 0.
 """
 
 from __future__ import annotations
@@ -17,6 +23,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 from minisft.model import Transformer
@@ -50,6 +64,11 @@ def setup() -> Ranks:
     return ranks()
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -73,13 +92,35 @@ class _Loss(nn.Module):
         return self.model.loss(*args)
 
 
-class Replica:
-    """The model as one rank trains it: `loss` runs through DDP when there are several ranks."""
+def shard(model: Transformer) -> None:
+    """FSDP2 in place: each Block its own all-gather unit, the rest (embedding, tied head, final
+    norm) the root's. The parameters become DTensors: build the optimizer after this."""
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)  # rank 0's weights everywhere, as DDP does on construction
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    # `loss` (not only `forward`) gathers the root's parameters: the tied head is used after forward.
+    register_fsdp_forward_method(model, "loss")
 
-    def __init__(self, model: Transformer) -> None:
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters by name, in the order one process's optimizer.state_dict() numbers them."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+class Replica:
+    """The model as one rank trains it: `loss` runs through DDP (or FSDP2's hooks) when there are
+    several ranks."""
+
+    def __init__(self, model: Transformer, fsdp: bool = False) -> None:
         self.model, self.world = model, ranks().world
+        self.fsdp = fsdp and self.world > 1
+        if self.fsdp:
+            shard(model)
         # DDP broadcasts rank 0's weights on construction, so every replica starts equal.
-        self.ddp = DistributedDataParallel(_Loss(model)) if self.world > 1 else None
+        self.ddp = DistributedDataParallel(_Loss(model)) if self.world > 1 and not self.fsdp else None
 
     def loss(self, *args) -> Tensor:
         """model.loss(input_ids, labels, num_trained_tokens, position_ids, document_ids)."""
@@ -87,5 +128,36 @@ class Replica:
 
     def sync_gradients(self, now: bool) -> AbstractContextManager:
         """Around a micro-batch's forward and backward: DDP all-reduces its gradients only when
-        `now` (the step's last micro-batch); before that they just accumulate on each rank."""
+        `now` (the step's last micro-batch); before that they just accumulate on each rank.
+        Under FSDP2 every micro-batch's gradients are reduce-scattered into the sharded ones, where
+        they add up: holding whole unsharded gradients until the last one would undo the sharding."""
         return nullcontext() if now or self.ddp is None else self.ddp.no_sync()
+
+    def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
+        """Under FSDP2, (model, optimizer) state dicts as one process's, whole and on the CPU, on rank 0
+        (empty on the others); a collective, so every rank calls it. None otherwise: use the model's own."""
+        if not self.fsdp:
+            return None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.model, options=options)
+        by_name = get_optimizer_state_dict(self.model, optimizer, options=options)
+        if not by_name:  # not rank 0
+            return model_state, {}
+        # torch names the parameters by their path in the model; one process's state_dict numbers them.
+        index = {name: i for i, name in enumerate(_param_names(self.model, optimizer))}
+        optimizer_state = {
+            "state": {index[name]: entries for name, entries in by_name["state"].items()},
+            "param_groups": [g | {"params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]],
+        }
+        return model_state, optimizer_state
+
+    def load_full_state(self, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
+        """`full_state`'s inverse under FSDP2: rank 0's whole state dicts, sharded out to every rank."""
+        names = _param_names(self.model, optimizer)
+        by_name = {
+            "state": {names[i]: entries for i, entries in optimizer_state["state"].items()},
+            "param_groups": [g | {"params": [names[i] for i in g["params"]]} for g in optimizer_state["param_groups"]],
+        }
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self.model, model_state, options=options)
+        set_optimizer_state_dict(self.model, optimizer, by_name, options=options)

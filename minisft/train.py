@@ -23,11 +23,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from minisft.chat import Example
 from minisft.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, step_checkpoints
@@ -59,6 +61,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the newest step_N folders kept; checkpoints/best is kept besides them
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient norm that stop the run
     early_stop_patience: int = 0  # stop after this many evals without a better held-out loss (0: never)
+    fsdp: bool = False  # under torchrun, shard parameters, gradients and AdamW state over the ranks (FSDP2)
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_checkpoints")
@@ -230,11 +233,14 @@ def optimizer_step(
             with autocast(device):
                 loss = replica.loss(input_ids, labels, num_trained, position_ids, document_ids)
             # Each rank's loss is its share of the global loss (its token losses / the global N),
-            # so the gradient we want is the *sum* over ranks; DDP averages, so scale by the ranks.
+            # so the gradient we want is the *sum* over ranks; DDP averages (and so does FSDP2's
+            # reduce-scatter), so scale by the ranks.
             (loss * replica.world).backward()
         step_loss += loss.detach()
     step_loss = sum_across_ranks(step_loss)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all ranks' gradient shards, replicated
+        grad_norm = grad_norm.full_tensor()
     # The step's one CPU-GPU sync: whether to update depends on these two values.
     loss_value, norm_value = torch.stack([step_loss, grad_norm.to(step_loss.dtype)]).tolist()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
@@ -268,14 +274,23 @@ def batching(train_set: list[Example], pack_to: int, pad_id: int, label: str) ->
     return rows, lambda rows: packed_batch(rows, pad_id)
 
 
-def resume_state(checkpoints: Path, model: Transformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> RunState:
+def resume_state(
+    checkpoints: Path,
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    replica: Replica | None = None,
+) -> RunState:
     """Load the newest complete checkpoint into model, optimizer and RNGs; -> its RunState."""
     found = step_checkpoints(checkpoints)
     if not found:
         raise TrainingError(f"nothing to resume: {checkpoints} holds no complete step_N checkpoint")
-    saved = load_checkpoint(found[-1], model, optimizer)
+    load_states = partial(replica.load_full_state, optimizer) if replica is not None and replica.fsdp else None
+    saved = load_checkpoint(found[-1], model, optimizer, load_states)
     changed = [
-        f"{k} (saved {v!r}, now {getattr(cfg, k)!r})" for k, v in saved["train_config"].items() if getattr(cfg, k) != v
+        f"{k} (saved {v!r}, now {getattr(cfg, k)!r})"
+        for k, v in saved["train_config"].items()
+        if getattr(cfg, k) != v and k != "fsdp"  # the same checkpoint format with and without FSDP2
     ]
     if changed:
         raise TrainingError(
@@ -343,19 +358,20 @@ def train_loop(
     run_dir.mkdir(parents=True, exist_ok=True)
     device = model.embed_tokens.weight.device
     torch.manual_seed(cfg.seed)
+    replica = Replica(model, cfg.fsdp)  # before the optimizer: FSDP2 replaces the parameters by shards
     optimizer = make_optimizer(model, cfg)
-    replica = Replica(model)
     items, collate = batching(train_set, pack_to, pad_id, label)
-    state = resume_state(checkpoints, model, optimizer, cfg) if resume else RunState()
+    state = resume_state(checkpoints, model, optimizer, cfg, replica) if resume else RunState()
     if resume and me.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", state.step)
     stream = example_stream(items, cfg.batch_size, cfg.seed, skip=state.micro_batches)
     log = MetricsLog(run_dir / "metrics.jsonl", me.is_main)
 
     def save(folder: Path) -> None:
+        states = replica.full_state(optimizer)  # under FSDP2 a collective: every rank takes part
         if me.is_main:
             trainer_state = {"run": asdict(state), "train_config": asdict(cfg)}
-            save_checkpoint(folder, model, optimizer, trainer_state, write_extra)
+            save_checkpoint(folder, model, optimizer, trainer_state, write_extra, states)
 
     progress = Progress(cfg.steps, label, state.step + 1)
     model.train()
