@@ -29,7 +29,7 @@ from minisft.data import FORMATS, DataError
 from minisft.datacheck import check_file, format_report
 from minisft.dataset import load_examples
 from minisft.hf import CheckpointError, export_hf
-from minisft.model import ATTENTION_BACKENDS, Transformer
+from minisft.model import ATTENTION_BACKENDS, Transformer, padded_vocab_size
 from minisft.pretrained import load_pretrained, start_from
 from minisft.tokenizer import Tokenizer
 from minisft.train import DivergedError, TrainingError, train_loop
@@ -104,7 +104,7 @@ def train_run(config: RunConfig, ranks: distributed.Ranks, resume: bool) -> None
         tokenizer = Tokenizer.from_file(config.data.tokenizer)
         chat = chat_format(config.data.chat_format, tokenizer, config.data.train_on)
         if config.model.vocab_size < tokenizer.vocab_size:
-            rounded = -(-tokenizer.vocab_size // 64) * 64  # a multiple of 64 keeps the head matmul aligned
+            rounded = padded_vocab_size(tokenizer.vocab_size)
             print(f"model.vocab_size {config.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: using {rounded}")
             config = replace(config, model=replace(config.model, vocab_size=rounded))
         torch.manual_seed(config.train.seed)

@@ -95,6 +95,12 @@ class ModelConfig:
         return 6 * n_matmul + attention
 
 
+def padded_vocab_size(tokens: int) -> int:
+    """Rows an embedding needs for `tokens` tokens: rounded up to a multiple of 64, which keeps
+    the output-head matmul aligned for the tensor cores."""
+    return -(-tokens // 64) * 64
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) · g, computed in fp32 (Zhang & Sennrich 2019)."""
 

@@ -22,7 +22,7 @@ from minisft.chat import ChatFormat, make_chat_format
 from minisft.checkpoint import load_model
 from minisft.config import ConfigError, RunConfig
 from minisft.hf import is_hf_folder, load_hf
-from minisft.model import ModelConfig, Transformer
+from minisft.model import ModelConfig, Transformer, padded_vocab_size
 from minisft.tokenizer import Tokenizer, UnknownTokenError
 
 
@@ -60,7 +60,7 @@ def fit_chat_format(model: Transformer, tokenizer: Tokenizer, name: str, train_o
         except UnknownTokenError as err:
             added += tokenizer.add_special_tokens([err.token])
     if tokenizer.vocab_size > model.config.vocab_size:
-        model.resize_vocab(-(-tokenizer.vocab_size // 64) * 64)  # a multiple of 64 keeps the head matmul aligned
+        model.resize_vocab(padded_vocab_size(tokenizer.vocab_size))
     return chat, added
 
 
