@@ -178,7 +178,7 @@ def test_every_weight_type_loads_as_transformers_reads_it(tokenizer, tmp_path):
     kind_of = {name: kinds[i % len(kinds)] for i, name in enumerate(matrices)}.get
     path = rewrite(tmp_path / "f16.gguf", tmp_path / "mixed.gguf", kind_of=kind_of)
     ours, _, _ = load_gguf(path)
-    assert {t.tensor_type for t in GGUFFile(path).tensors.values()} == set(kinds)
+    assert {t.type_id for t in GGUFFile(path).tensors.values()} == set(kinds)
     ids = torch.randint(0, tokenizer.vocab_size, (2, 24))
     with torch.no_grad():
         theirs = transformers_gguf(path)(ids).logits
@@ -220,7 +220,7 @@ def test_chat_and_export_take_a_gguf_file(tiny_gguf, tmp_path, capsys):
 
     out = tmp_path / "out.gguf"
     assert main(["export", str(tiny_gguf), str(out), "--gguf-type", "q8_0"]) == 0
-    assert GGUFFile(out).reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert GGUFFile(out).meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     # An existing file is never replaced unasked: refused before any weight loads, and left as it was.
     before = out.read_bytes()
     capsys.readouterr()
@@ -228,7 +228,7 @@ def test_chat_and_export_take_a_gguf_file(tiny_gguf, tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {out} exists: pass --overwrite to replace it\n"
     assert out.read_bytes() == before
     assert main(["export", str(tiny_gguf), str(out), "--overwrite"]) == 0
-    assert GGUFFile(out).reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
+    assert GGUFFile(out).meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf", "tiny.gguf"]  # no temporary file left
 
     assert main(["export", str(tiny_gguf), str(tmp_path / "hf")]) == 0  # GGUF -> Hugging Face folder
@@ -266,8 +266,10 @@ def patch_type_id(path, tensor: str, type_id: int) -> None:
     [
         ("architecture", r"unsupported architecture 'falcon'; minisft loads llama, qwen2"),
         ("tokenizer", r"tokenizer model 'llama' is not supported \(minisft reads byte-level BPE, 'gpt2'\)"),
-        ("type id", r"unknown quantisation type id 99: neither minisft nor the gguf package reads it"),
-        ("truncated", r"truncated or corrupt: the file ends before the data its header describes"),
+        ("type id", r"tensor blk.0.ffn_up.weight has unknown quantisation type id 99: neither minisft nor the gguf"),
+        ("truncated", r"truncated: tensor \S+ ends at byte \d+ of \d+"),
+        ("truncated header", r"truncated: the file ends inside its header"),
+        ("not gguf", r"not a GGUF file \(it does not start with 'GGUF'\)"),
         ("metadata", r"metadata key llama.block_count is missing"),
     ],
 )
@@ -284,8 +286,12 @@ def test_bad_gguf_files_are_one_line_errors(tiny_gguf, tmp_path, capsys, breakag
     elif breakage == "type id":
         bad.write_bytes(tiny_gguf.read_bytes())
         patch_type_id(bad, "blk.0.ffn_up.weight", 99)
-    else:
+    elif breakage == "not gguf":
+        bad.write_text("model weights, honestly")
+    elif breakage == "truncated":
         bad.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size * 2 // 3])
+    else:
+        bad.write_bytes(tiny_gguf.read_bytes()[:1000])
     for command in (["chat", str(bad), "--prompt", "hi"], ["export", str(bad), str(tmp_path / "out.gguf")]):
         assert main(command) == 2
         err = capsys.readouterr().err
@@ -404,3 +410,16 @@ def test_real_model_exports_and_loads_back_in_minisft_and_transformers(real, ggu
         dtype = torch.float16 if gguf_type == "f16" else torch.bfloat16
         for name, weight in rounded(model, dtype).items():
             torch.testing.assert_close(loaded.state_dict()[name], weight, atol=0, rtol=0, msg=name)
+
+
+def test_the_real_qwen3_tokenizer_goes_through_a_gguf_file_unchanged(shared_data, tmp_path):
+    """151,669 tokens, Qwen2's split regex, <think> as a user-defined token, Qwen3's own template."""
+    tok = Tokenizer.from_file(shared_data / "tokenizers" / "qwen3")
+    model = tiny_model(tok, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=32, attention_bias=True)
+    _, again, chat_format = load_gguf(export_gguf(tmp_path / "q.gguf", model, tok, "qwen3"))
+    assert chat_format == "qwen3" and again.chat_template == tok.chat_template
+    for text in TEXTS:
+        assert again.encode(text) == tok.encode(text), text
+    for token in ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>"):
+        assert again.token_id(token) == tok.token_id(token)
+    assert not again.backend.get_added_tokens_decoder()[tok.token_id("<think>")].special
