@@ -185,6 +185,16 @@ def test_every_weight_type_loads_as_transformers_reads_it(tokenizer, tmp_path):
     torch.testing.assert_close(logits(ours, ids), theirs, atol=1e-5, rtol=1e-5)
 
 
+def test_our_header_reader_reads_what_ggufs_own_reader_reads(tokenizer, tmp_path):
+    path = export_gguf(
+        tmp_path / "m.gguf", tiny_model(tokenizer, rope_scaling="llama3", rope_theta=100.0), tokenizer, "chatml"
+    )
+    reader, ours = gguf.GGUFReader(path), GGUFFile(path)
+    assert ours.meta == {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    theirs = {t.name: (tuple(int(n) for n in t.shape), int(t.tensor_type), t.data_offset) for t in reader.tensors}
+    assert {t.name: (t.dims, t.type_id, ours.data_start + t.offset) for t in ours.tensors.values()} == theirs
+
+
 def test_q8_0_and_bf16_exports_round_to_their_type(tokenizer, tmp_path):
     model = tiny_model(tokenizer)
     bf16, _, _ = load_gguf(export_gguf(tmp_path / "bf16.gguf", model, tokenizer, "chatml", "bf16"))
