@@ -1,7 +1,7 @@
 """Command line: `python -m minisft demo`, `python -m minisft train --config FILE.toml [--key value ...]`,
 `python -m minisft data check FILE [--tokenizer PATH ...]`, `python -m minisft chat MODEL [--prompt TEXT]`
-and `python -m minisft export MODEL OUT` (a Hugging Face folder). `train --init PATH` fine-tunes a
-pretrained model (a Hugging Face or minisft folder) instead of a random one; `train --resume RUN_DIR`
+and `python -m minisft export MODEL OUT` (a Hugging Face folder, or OUT.gguf). `train --init PATH` fine-tunes a
+pretrained model (a Hugging Face or minisft folder, or a GGUF file) instead of a random one; `train --resume RUN_DIR`
 continues an interrupted run from its newest checkpoint, with the run's own config.toml. Under
 `torchrun --nproc_per_node N -m minisft train ...` the run is data-parallel over N processes.
 
@@ -28,9 +28,10 @@ from minisft.config import ConfigError, DataConfig, RunConfig, load_config, to_t
 from minisft.data import FORMATS, DataError
 from minisft.datacheck import check_file, format_report
 from minisft.dataset import load_examples
+from minisft.gguf import GGUF_TYPES, export_gguf
 from minisft.hf import CheckpointError, export_hf
 from minisft.model import ATTENTION_BACKENDS, Transformer, padded_vocab_size
-from minisft.pretrained import load_pretrained, start_from
+from minisft.pretrained import SavedModel, start_from
 from minisft.tokenizer import Tokenizer
 from minisft.train import DivergedError, TrainingError, train_loop
 
@@ -146,10 +147,21 @@ def data_check_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    model, tokenizer, chat_format = load_pretrained(args.model)
-    if chat_format is None:
-        raise CheckpointError(f"{args.model} has no chat format to export with (a base model?)")
-    print(f"exported {export_hf(args.out, model, tokenizer, chat_format)}")
+    """Refuse what can be refused before the weights load: no chat format, an existing .gguf file."""
+    saved = SavedModel(args.model)
+    if saved.chat_format is None:
+        raise CheckpointError(f"{saved.why_no_chat_format()}: the export needs the format it was trained with")
+    to_gguf = args.out.endswith(".gguf")
+    if not to_gguf and (args.gguf_type or args.overwrite):
+        raise ConfigError("--gguf-type and --overwrite are for a .gguf output")
+    if to_gguf and Path(args.out).exists() and not args.overwrite:
+        raise CheckpointError(f"{args.out} exists: pass --overwrite to replace it")
+    model, tokenizer = saved.load()
+    if to_gguf:
+        out = export_gguf(args.out, model, tokenizer, saved.chat_format, args.gguf_type or "f16", args.overwrite)
+    else:
+        out = export_hf(args.out, model, tokenizer, saved.chat_format)
+    print(f"exported {out}")
     return 0
 
 
@@ -169,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--format", default="auto", choices=FORMATS, help="record layout (default: per record)")
     check.add_argument("--max-seq-len", type=int, default=0, help="count records longer than this many tokens")
     add_chat_arguments(commands.add_parser("chat", help="talk to a model in the terminal (or answer --prompt)"))
-    export = commands.add_parser("export", help="write a model as a Hugging Face folder (transformers loads it)")
-    export.add_argument("model", help="a run folder or a minisft checkpoint")
-    export.add_argument("out", help="the folder to write")
+    export = commands.add_parser("export", help="write a model as a Hugging Face folder or a GGUF file")
+    export.add_argument("model", help="a run folder, a minisft checkpoint, a Hugging Face folder or a .gguf file")
+    export.add_argument("out", help="the folder to write (transformers loads it), or a .gguf file (llama.cpp)")
+    export.add_argument("--gguf-type", choices=GGUF_TYPES, help="weights in a .gguf file (default f16; norms f32)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing .gguf file")
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "data":

@@ -1,9 +1,10 @@
 """`python -m minisft chat MODEL`: talk to a model in the terminal.
 
 Prompts are rendered with the chat format saved with the model (a minisft checkpoint's
-minisft.json, or an exported folder's tokenizer_config.json), so the model sees at inference
-exactly the layout it was trained on (pitfall 7). A Hugging Face model minisft did not train gets
-the format its chat template writes; a base model has none, and `--chat-format` must name one.
+minisft.json, an exported folder's tokenizer_config.json, an exported GGUF's metadata), so the
+model sees at inference exactly the layout it was trained on (pitfall 7). A model minisft did not
+train gets the format its chat template writes (ChatML, Qwen3 or Llama 3); without a template, or
+with one of another kind, `--chat-format` must name one — decided before the weights load.
 Each answer stops at the format's end-of-turn token or at eos.
 """
 
@@ -17,12 +18,12 @@ import torch
 from minisft.chat import CHAT_FORMATS, make_chat_format
 from minisft.config import ConfigError
 from minisft.generate import generate
-from minisft.pretrained import find_model_folder, load_pretrained
+from minisft.pretrained import SavedModel
 from minisft.tokenizer import UnknownTokenError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a run folder, a minisft checkpoint or a Hugging Face model folder")
+    parser.add_argument("model", help="a run folder, a minisft checkpoint, a Hugging Face model folder or a .gguf file")
     parser.add_argument("--prompt", help="answer this one message and exit (no interactive session)")
     parser.add_argument("--system", help="a system message to start the conversation with")
     parser.add_argument("--chat-format", choices=sorted(CHAT_FORMATS), help="override the model's saved format")
@@ -34,16 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def chat_command(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    folder = find_model_folder(args.model)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 halves the memory of a big model
-    model, tokenizer, saved_format = load_pretrained(folder, dtype=dtype)
-    name = args.chat_format or saved_format
+    saved = SavedModel(args.model)
+    name = args.chat_format or saved.chat_format
     if name is None:
-        raise ConfigError(f"{folder} has no chat format (a base model?): pick one with --chat-format")
+        raise ConfigError(f"{saved.why_no_chat_format()}: pick one with --chat-format")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 halves the memory of a big model
+    model, tokenizer = saved.load(dtype=dtype)
     try:
         chat = make_chat_format(name, tokenizer)
     except UnknownTokenError as err:
-        raise ConfigError(f"chat format {name!r} does not fit {folder}'s tokenizer: {err.args[0]}") from None
+        raise ConfigError(f"chat format {name!r} does not fit {saved.path}'s tokenizer: {err.args[0]}") from None
     model = model.to(device).eval()
     stop_ids = {chat.end_id, tokenizer.eos_id}
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -63,7 +64,7 @@ def chat_command(args: argparse.Namespace) -> int:
         except ValueError as err:  # a bad sampling setting, or a prompt longer than the model's context
             raise ConfigError(str(err)) from None
         return 0
-    print(f"chatting with {folder} (chat format {name}); an empty line or Ctrl-D ends, /reset starts over")
+    print(f"chatting with {saved.path} (chat format {name}); an empty line or Ctrl-D ends, /reset starts over")
     while True:
         try:
             text = input("you> ").strip()

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from minisft.chat import make_chat_format
 from minisft.checkpoint import write_folder
 from minisft.model import ModelConfig, Transformer
-from minisft.tokenizer import Tokenizer
+from minisft.tokenizer import Tokenizer, read_chat_template
 
 # Architecture -> the model_type config.json gives with it.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -259,18 +259,22 @@ def _tokenizer_config(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def chat_format_of(folder: Path) -> str | None:
-    """The chat format of an HF folder's model: the one minisft exported it with, else the one its
-    chat template writes, else None (a base model: the user has to pick one)."""
-    config = _tokenizer_config(folder)
-    template = config.get("chat_template") or ""
-    if config.get("minisft_chat_format"):
-        return config["minisft_chat_format"]
+def chat_format_of_template(template: str | None) -> str | None:
+    """The chat format a chat template writes, told by its turn markers: ChatML's `<|im_start|>`
+    (Qwen3's when it also writes a `<think>` block), Llama 3's `<|start_header_id|>`; else None."""
+    template = template or ""
     if "<|im_start|>" in template:
         return "qwen3" if "<think>" in template else "chatml"
-    if "<|start_header_id|>" in template:
+    if "<|start_header_id|>" in template and "<|eot_id|>" in template:
         return "llama3"
     return None
+
+
+def chat_format_of(folder: Path) -> str | None:
+    """The chat format of an HF folder's model, from its small files alone (so a command can decide
+    before the weights load): the one minisft exported it with, else the one its chat template
+    writes, else None (no template, or one minisft does not know: the user has to pick one)."""
+    return _tokenizer_config(folder).get("minisft_chat_format") or chat_format_of_template(read_chat_template(folder))
 
 
 def load_hf(

@@ -1,7 +1,8 @@
-"""Start from a saved model — a minisft checkpoint or a Hugging Face folder — for SFT or chat.
+"""Start from a saved model — a minisft checkpoint, a Hugging Face folder or a GGUF file — for SFT or chat.
 
-    find_model_folder   a model folder, or the run folder around one
-    load_pretrained     either layout -> (model, tokenizer, chat format or None)
+    find_model_folder   a model folder or .gguf file, or the run folder around one
+    SavedModel          any of them opened: the chat format at once, the weights on `load`
+    load_pretrained     any layout -> (model, tokenizer, chat format or None)
     start_from          what `train --init PATH` does: load, fit the chat format, freeze
 
 A base model's tokenizer often lacks the chat format's markers (`<|im_start|>`, `<|im_end|>`).
@@ -12,41 +13,75 @@ is why freezing the embeddings is refused when tokens were added.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
-from minisft.chat import ChatFormat, make_chat_format
+from minisft.chat import CHAT_FORMATS, ChatFormat, make_chat_format
 from minisft.checkpoint import load_model
 from minisft.config import ConfigError, RunConfig
-from minisft.hf import is_hf_folder, load_hf
+from minisft.gguf import GGUFFile, is_gguf_file
+from minisft.hf import chat_format_of, is_hf_folder, load_hf
 from minisft.model import ModelConfig, Transformer, padded_vocab_size
-from minisft.tokenizer import Tokenizer, UnknownTokenError
+from minisft.tokenizer import Tokenizer, UnknownTokenError, read_chat_template
 
 
 def find_model_folder(path: str | Path) -> Path:
-    """PATH itself, or the model a run folder holds (`checkpoints/final`, or the demo's `model`)."""
+    """PATH itself (a model folder or a .gguf file), or the model a run folder holds
+    (`checkpoints/final`, or the demo's `model`)."""
     path = Path(path)
+    if is_gguf_file(path):
+        return path
     for folder in (path, path / "checkpoints" / "final", path / "model"):
         if (folder / "minisft.json").is_file() or is_hf_folder(folder):
             return folder
     raise FileNotFoundError(
         f"no model in {path}: expected a minisft checkpoint (minisft.json), a Hugging Face folder "
-        "(config.json) or a run folder with checkpoints/final"
+        "(config.json), a .gguf file or a run folder with checkpoints/final"
     )
+
+
+class SavedModel:
+    """A model on disk, opened: its chat format is known before any weight is read, so a command
+    that needs one refuses at once (a GGUF file's metadata is read here, its tensors in `load`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = find_model_folder(path)
+        self.gguf = GGUFFile(self.path) if is_gguf_file(self.path) else None
+        if self.gguf is not None:
+            self.chat_format, self.chat_template = self.gguf.chat_format, self.gguf.chat_template
+        elif (self.path / "minisft.json").is_file():
+            self.chat_format = json.loads((self.path / "minisft.json").read_text())["chat_format"]
+            self.chat_template = None
+        else:
+            self.chat_format, self.chat_template = chat_format_of(self.path), read_chat_template(self.path)
+
+    def why_no_chat_format(self) -> str:
+        """Why chat_format is None, without guessing whether the model is a base or an instruct one."""
+        if self.chat_template:
+            return f"{self.path} has a chat template that is none of minisft's formats ({', '.join(CHAT_FORMATS)})"
+        return f"{self.path} has no chat template"
+
+    def load(self, kernels: str = "torch", dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+        """-> (model on CPU, tokenizer)."""
+        if self.gguf is not None:
+            return self.gguf.load(kernels, dtype)
+        if (self.path / "minisft.json").is_file():
+            model, tokenizer, _ = load_model(self.path, kernels)
+            return model.to(dtype), tokenizer
+        model, tokenizer, _ = load_hf(self.path, kernels, dtype)
+        return model, tokenizer
 
 
 def load_pretrained(
     path: str | Path, kernels: str = "torch", dtype: torch.dtype = torch.float32
 ) -> tuple[Transformer, Tokenizer, str | None]:
     """-> (model on CPU, tokenizer, the chat format it was trained with, None if unknown)."""
-    folder = find_model_folder(path)
-    if (folder / "minisft.json").is_file():
-        model, tokenizer, chat_format = load_model(folder, kernels)
-        return model.to(dtype), tokenizer, chat_format
-    return load_hf(folder, kernels, dtype)
+    saved = SavedModel(path)
+    return *saved.load(kernels, dtype), saved.chat_format
 
 
 def fit_chat_format(model: Transformer, tokenizer: Tokenizer, name: str, train_on: str) -> tuple[ChatFormat, list[int]]:

@@ -19,6 +19,20 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 DEMO_SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
+def read_chat_template(folder: Path) -> str | None:
+    """A Hugging Face folder's chat template: `chat_template.jinja` (the layout transformers writes
+    today), else the `chat_template` entry of tokenizer_config.json (older folders; a list of named
+    templates there gives the "default" one)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config_file = folder / "tokenizer_config.json"
+    template = json.loads(config_file.read_text()).get("chat_template") if config_file.is_file() else None
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template}.get("default")
+    return template or None
+
+
 class UnknownTokenError(KeyError):
     """A token (a chat format's marker, say) that the vocabulary lacks; `.token` names it."""
 
@@ -62,19 +76,21 @@ class Tokenizer:
         eos = special("eos_token")
         if eos is None:
             raise ValueError(f"{config_file}: no eos_token; minisft needs one to know where answers end")
-        pad = special("pad_token")
-        if pad is None or pad == eos:
-            pad = cls._first_unused_special(backend, exclude={eos, special("bos_token")})
-        tokenizer = cls(backend, eos_token=eos, pad_token=pad, bos_token=special("bos_token"))
-        tokenizer.chat_template = config.get("chat_template")
+        tokenizer = cls.with_pad(backend, eos, special("pad_token"), special("bos_token"))
+        tokenizer.chat_template = read_chat_template(folder)
         return tokenizer
 
-    @staticmethod
-    def _first_unused_special(backend: HFTokenizer, exclude: set[str | None]) -> str:
-        for added in backend.get_added_tokens_decoder().values():
-            if added.special and added.content not in exclude:
-                return added.content
-        raise ValueError("the tokenizer has no pad token and no spare special token to pad with")
+    @classmethod
+    def with_pad(cls, backend: HFTokenizer, eos: str, pad: str | None, bos: str | None) -> Tokenizer:
+        """A tokenizer whose pad token is `pad`, or its first spare special token when `pad` is
+        missing or equals eos (many checkpoints pad with eos: pitfall 1)."""
+        if pad is None or pad == eos:
+            spare = [t.content for t in backend.get_added_tokens_decoder().values() if t.special]
+            spare = [token for token in spare if token not in (eos, bos)]
+            if not spare:
+                raise ValueError("the tokenizer has no pad token and no spare special token to pad with")
+            pad = spare[0]
+        return cls(backend, eos_token=eos, pad_token=pad, bos_token=bos)
 
     @classmethod
     def train_bpe(
