@@ -1,4 +1,4 @@
-"""Load and export Hugging Face checkpoints of the Llama family: Llama, Mistral and Qwen2.
+"""Load and export Hugging Face checkpoints of the Llama family: Llama, Mistral, Qwen2 and Qwen3.
 
 A Hugging Face model folder holds
 
@@ -7,16 +7,18 @@ A Hugging Face model folder holds
     tokenizer.json, tokenizer_config.json  the tokenizer and its special tokens (eos, pad, bos)
     generation_config.json               the ids `generate` stops on
 
-The three architectures are one network with options: Mistral is Llama with a sliding attention
-window, Qwen2 is Llama with biases on the q/k/v projections. minisft's parameter names are Llama's
-without the "model." prefix, so loading is a rename plus checks: every tensor is read on its own
-through safetensors (never pickle), its shape checked against config.json, then cast.
+The four architectures are one network with options: Mistral is Llama with a sliding attention
+window, Qwen2 is Llama with biases on the q/k/v projections, Qwen3 is Llama with an RMSNorm on each
+head's queries and keys (q_norm, k_norm) and often a head width other than hidden_size / heads.
+minisft's parameter names are Llama's without the "model." prefix, so loading is a rename plus
+checks: every tensor is read on its own through safetensors (never pickle), its shape checked
+against config.json, then cast.
 
 Export writes the same layout as LlamaForCausalLM — or Qwen2ForCausalLM when the projections have
-biases — which transformers, vLLM and llama.cpp all read (a Mistral model comes back as Llama: the
-same network, its window already folded into max_position_embeddings). The chat format minisft trained with goes
-along: as a chat template, and as the stop token in generation_config.json, so the model stops
-after its answer (pitfall 1).
+biases, Qwen3ForCausalLM when the heads have q/k norms — which transformers, vLLM and llama.cpp all
+read (a Mistral model comes back as Llama: the same network, its window already folded into
+max_position_embeddings). The chat format minisft trained with goes along: as a chat template, and
+as the stop token in generation_config.json, so the model stops after its answer (pitfall 1).
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ from minisft.model import ModelConfig, Transformer
 from minisft.tokenizer import Tokenizer
 
 # Architecture -> the model_type config.json gives with it.
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
 
 # Chat format (chat.py) -> a Jinja template rendering it the same way, for the tools that read
 # tokenizer_config.json's chat_template (transformers' apply_chat_template, vLLM). The qwen3 format
@@ -118,7 +125,7 @@ def _rope(hf: dict, where: Path) -> dict:
 def _sliding_window(hf: dict, architecture: str) -> int | None:
     if architecture == "mistral":
         return hf.get("sliding_window")
-    if architecture == "qwen2" and hf.get("use_sliding_window"):
+    if architecture in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         return hf.get("sliding_window")
     return None
 
@@ -148,8 +155,7 @@ def model_config_from_hf(hf: dict, where: Path) -> ModelConfig:
         )
     except KeyError as err:
         raise CheckpointError(f"{where}: missing key {err}") from None
-    if hf.get("head_dim") not in (None, dim // n_heads):
-        raise CheckpointError(f"{where}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    head_dim = hf.get("head_dim") or dim // n_heads  # explicit in Qwen3 and Mistral-Nemo configs
     window = _sliding_window(hf, architecture)
     if window and window < sizes["max_seq_len"]:
         # Up to `window` tokens, sliding-window attention is plain causal attention: cap there.
@@ -158,14 +164,23 @@ def model_config_from_hf(hf: dict, where: Path) -> ModelConfig:
     return ModelConfig(
         **sizes,
         **_rope(hf, where),
-        tie_embeddings=hf.get("tie_word_embeddings", False),  # False is the default of all three
+        tie_embeddings=hf.get("tie_word_embeddings", False),  # False is the default of all four
         attention_bias=architecture == "qwen2",
+        qk_norm=architecture == "qwen3",
+        head_dim=head_dim,
     )
 
 
 def hf_config(config: ModelConfig, tokenizer: Tokenizer, stop_ids: list[int], dtype: torch.dtype) -> dict:
-    """ModelConfig -> config.json of a LlamaForCausalLM, or a Qwen2ForCausalLM with q/k/v biases."""
-    architecture = "Qwen2ForCausalLM" if config.attention_bias else "LlamaForCausalLM"
+    """ModelConfig -> config.json of a LlamaForCausalLM, a Qwen2ForCausalLM (q/k/v biases) or a
+    Qwen3ForCausalLM (q/k norms)."""
+    if config.qk_norm and config.attention_bias:
+        raise CheckpointError(
+            "q/k norms with q/k/v biases: no Hugging Face architecture has both (Qwen3's bias is on o too)"
+        )
+    architecture = (
+        "Qwen3ForCausalLM" if config.qk_norm else "Qwen2ForCausalLM" if config.attention_bias else "LlamaForCausalLM"
+    )
     rope_scaling = None
     if config.rope_scaling:
         rope_scaling = {"rope_type": config.rope_scaling, "factor": config.rope_factor}
@@ -191,7 +206,9 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, stop_ids: list[int], dt
         "rope_theta": config.rope_theta,
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": config.tie_embeddings,
-        **({"use_sliding_window": False} if config.attention_bias else {"attention_bias": False, "mlp_bias": False}),
+        **({"use_sliding_window": False} if architecture != "LlamaForCausalLM" else {}),
+        **({"attention_bias": False} if architecture != "Qwen2ForCausalLM" else {}),
+        **({"mlp_bias": False} if architecture == "LlamaForCausalLM" else {}),
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": stop_ids,
         "pad_token_id": tokenizer.pad_id,
