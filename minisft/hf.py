@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minisft.chat import make_chat_format
+from minisft.chat import TOOLS_HEAD, TOOLS_TAIL, Llama31, make_chat_format
 from minisft.checkpoint import write_folder
 from minisft.model import ModelConfig, Transformer
 from minisft.tokenizer import Tokenizer
@@ -46,20 +46,60 @@ ARCHITECTURES = {
 }
 
 # Chat format (chat.py) -> a Jinja template rendering it the same way, for the tools that read
-# tokenizer_config.json's chat_template (transformers' apply_chat_template, vLLM). The qwen3 format
-# is Qwen3's own template, which a Qwen3 tokenizer brings along (Tokenizer.chat_template).
+# tokenizer_config.json's chat_template (transformers' apply_chat_template, vLLM), tool calls
+# included. The qwen3 format is Qwen3's own template, which a Qwen3 tokenizer brings along
+# (Tokenizer.chat_template). Texts go in as JSON strings, which Jinja reads back unchanged.
+_CALL = (  # one tool call, OpenAI's nesting undone; arguments given as JSON text are written as they are
+    "{%- set call = call.function if call.function is defined else call %}"
+    "{%- set arguments = call.arguments if call.arguments is string else call.arguments | tojson %}"
+)
 CHAT_TEMPLATES = {
     "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        "{%- if tools %}{{ '<|im_start|>system\\n' }}"
+        "{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+        "{{- " + json.dumps(TOOLS_HEAD) + " }}{% for tool in tools %}{{ '\\n' + tool | tojson }}{% endfor %}"
+        "{{- " + json.dumps(TOOLS_TAIL) + " + '<|im_end|>\\n' }}{% endif %}"
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'tool' %}"
+        "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+        "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+        "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+        "{%- elif not (tools and loop.first and message['role'] == 'system') %}"
+        "{%- set content = message['content'] or '' %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + content }}"
+        "{%- for call in message.tool_calls or [] %}"
+        + _CALL
+        + "{%- if content or not loop.first %}{{ '\\n' }}{% endif %}"
+        "{{- '<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' + arguments + '}\\n</tool_call>' }}"
+        "{%- endfor %}{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     ),
     "llama3": (
         "{{ '<|begin_of_text|>' }}{% for message in messages %}"
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
         " + '<|eot_id|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "llama3.1": (  # the date fixed, as chat.Llama31 renders it
+        "{%- set first = 1 if messages and messages[0]['role'] == 'system' else 0 %}"
+        "{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+        "{%- if tools %}{{ 'Environment: ipython\\n' }}{% endif %}"
+        "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: " + Llama31.today + "\\n\\n' }}"
+        "{%- if first %}{{ messages[0]['content'] | trim }}{% endif %}{{ '<|eot_id|>' }}"
+        "{%- for message in messages[first:] %}"
+        "{%- if tools and loop.first %}"
+        "{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' + " + json.dumps(Llama31.TOOLS_INTRO) + " }}"
+        "{%- for tool in tools %}{{ tool | tojson(indent=4) + '\\n\\n' }}{% endfor %}"
+        "{{- message['content'] | trim + '<|eot_id|>' }}"
+        "{%- elif message['role'] == 'tool' %}"
+        "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message['content'] | tojson + '<|eot_id|>' }}"
+        "{%- elif message.tool_calls %}{% set call = message.tool_calls[0] %}"
+        + _CALL
+        + '{{- \'<|start_header_id|>assistant<|end_header_id|>\\n\\n{"name": "\' + call.name + \'", "parameters": \''
+        " + arguments + '}<|eot_id|>' }}"
+        "{%- else %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+        " + '<|eot_id|>' }}{% endif %}{% endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
     ),
     "instruction": (
         "{% for message in messages %}"
@@ -285,8 +325,8 @@ def chat_format_of(folder: Path) -> str | None:
         return config["minisft_chat_format"]
     if "<|im_start|>" in template:
         return "qwen3" if "<think>" in template else "chatml"
-    if "<|start_header_id|>" in template:
-        return "llama3"
+    if "<|start_header_id|>" in template:  # Llama 3.1 to 3.3 add a system block with dates; 3.0 does not
+        return "llama3.1" if "Cutting Knowledge Date" in template else "llama3"
     return None
 
 

@@ -178,7 +178,7 @@ def test_make_chat_format_errors(tok):
         make_chat_format("chatml", tok, train_on="user")
     with pytest.raises(KeyError, match="<think>"):
         Qwen3(tok)  # this tokenizer has no think tokens
-    assert sorted(CHAT_FORMATS) == ["chatml", "instruction", "llama3", "qwen3"]
+    assert sorted(CHAT_FORMATS) == ["chatml", "instruction", "llama3", "llama3.1", "qwen3"]
     assert [ChatML.name, Llama3.name, Instruction.name] == ["chatml", "llama3", "instruction"]
 
 
