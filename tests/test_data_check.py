@@ -204,3 +204,95 @@ def test_train_command_refuses_a_chat_format_the_tokenizer_lacks(tmp_path, tok_d
     assert "chat format 'llama3' does not fit this tokenizer" in capsys.readouterr().err
     assert main([*args, "--data.too_long", "cut"]) == 2
     assert "data.too_long: 'cut' is not one of drop, truncate" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- warnings: what would train oddly without an error
+
+
+def test_data_check_warns_with_counts_and_lines_and_strict_makes_them_errors(tmp_path, capsys):
+    call = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    records = [
+        messages("the cat", "sat on a mat"),  # 1: clean
+        messages("Who are you?", "I am {{name}}, made by {{author}}."),  # 2: template placeholders
+        messages("<image>\nWhat is in the picture?", "a cat"),  # 3: media placeholder
+        {"instruction": "see", "output": "the sea", "id": 7, "history": [["a", "b"]], "empty": ""},  # 4: ignored
+        messages("Repeat: the cat sat on a mat and ran far away", "The cat sat on a mat and ran far away."),  # 5
+        messages("the cat", "sat on a mat"),  # 6: exact duplicate of 1
+        messages("THE  cat!", "Sat on a mat."),  # 7: near duplicate of 1
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "c"}]},  # 8: two user turns
+        {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "hi"},
+                      {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"},
+                      {"role": "assistant", "content": "d"}]},  # 9: starts with the assistant, two answers in a row
+        {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "{}"},
+                      {"role": "assistant", "content": "c"}]},  # 10: a result nobody asked for
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "content": "1", "tool_call_id": "c1"}, {"role": "assistant", "content": "1"}],
+         "weight": 2},  # 11: calls without tool definitions (tool_call_id is no ignored field); weight ignored
+    ]  # fmt: skip
+    path = tmp_path / "w.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["data", "check", str(path)]) == 0  # warnings alone: exit 0
+    out = capsys.readouterr().out
+    expected = [
+        "warnings: 12 (first 5 of each kind shown)",
+        "  template placeholders ({{...}}), trained as literal text: 1",
+        f"    {path}:2 ({{{{author}}}}, {{{{name}}}})",
+        "  media placeholders (<image>, <video>, <audio>): the model has no media input; trained as text: 1",
+        f"    {path}:3 (<image>)",
+        "  fields training ignores (they hold something): 2",
+        "    history in 1, id in 1, weight in 1",
+        f"    {path}:4 (history, id)",
+        f"    {path}:11 (weight)",
+        "  answers that mostly copy the prompt (≥ 80% of their word trigrams): 1",
+        f"    {path}:5 (turn 1)",
+        "  exact duplicates (the same turns and tools as an earlier record): 1",
+        f"    {path}:6 (repeats line 1)",
+        "  near duplicates (the same words as an earlier record, not exact): 1",
+        f"    {path}:7 (like line 1)",
+        "  conversations that start with the assistant: 1",
+        f"    {path}:9 (turn 1)",
+        "  two user turns in a row: 1",
+        f"    {path}:8 (turn 1)",
+        "  two assistant turns in a row: 1",
+        f"    {path}:9 (turn 4)",
+        "  tool results with no tool call before them: 1",
+        f"    {path}:10 (turn 1)",
+        "  tool calls in conversations that define no tools (calls to what was never shown): 1",
+        f"    {path}:11",
+    ]
+    assert out[out.index("warnings:") :].splitlines() == expected
+    assert "duplicates: 1 exact, 2 near-exact" in out
+    assert main(["data", "check", str(path), "--strict"]) == 2
+    assert capsys.readouterr().err == f"error: 12 warnings in {path} (--strict)\n"
+
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps(r) + "\n" for r in records[:1]))
+    assert main(["data", "check", str(clean), "--strict"]) == 0
+    assert "warnings: 0" in capsys.readouterr().out
+
+
+def test_data_check_shows_the_first_five_duplicates_and_counts_them_all(tmp_path, capsys):
+    lines = [messages("the cat", "sat on a mat")] + [messages("home", f"far away {i}") for i in range(3)]
+    lines += [messages("the cat", "sat on a mat")] * 7  # lines 5..11 repeat line 1
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(["data", "check", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = out.index("  exact duplicates (the same turns and tools as an earlier record): 7")
+    assert out[at + 1 :] == [f"    {path}:{n} (repeats line 1)" for n in range(5, 10)]  # the first five only
+
+
+def test_data_check_with_a_format_without_tools_reports_tool_records_as_bad(tmp_path, tok_dir, capsys):
+    call = {"name": "f", "arguments": '{"x": 1}'}
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [call]}],
+              "tools": [{"name": "f", "parameters": {}}]}  # fmt: skip
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(messages("the cat", "sat")) + "\n")
+    args = ["data", "check", str(path), "--tokenizer", str(tok_dir)]
+    assert main([*args, "--chat-format", "instruction"]) == 2
+    out = capsys.readouterr().out
+    assert "bad records by kind: unrenderable 1" in out
+    assert f"  {path}:1: tools: the instruction chat format has no tool calling; chatml, llama3.1, qwen3 have it" in out
+    assert main([*args, "--chat-format", "chatml"]) == 0
+    assert "records: 2 read, 2 valid, 0 bad" in capsys.readouterr().out
