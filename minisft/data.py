@@ -396,6 +396,16 @@ def file_layout(path: str | Path) -> str:
     return "json objects" if head.split(b"\n", 1)[0].strip() == b"{" else "jsonl"
 
 
+def read_records(path: str | Path) -> Iterator[tuple[str, object]]:
+    """(file:line, parsed record) for every record of the file, in order; a record that does not
+    parse comes as its DataError, so a caller can go on past it (inside a JSON array a syntax
+    error is raised instead: the next record's start cannot be found)."""
+    path = Path(path)
+    kind = file_layout(path)
+    with open(path, "rb") as f:
+        yield from _jsonl(f, path) if kind == "jsonl" else _json_values(f, path, array=kind == "json array")
+
+
 def read_conversations(
     path: str | Path, layout: str = "auto", on_error: str = "fail", stats: ReadStats | None = None, check=None
 ) -> Iterator[Conversation]:
@@ -403,22 +413,18 @@ def read_conversations(
 
     check: a chat format's `check`, so a record the format cannot render is a bad record here,
     named by file, line and field, rather than an error deep in rendering."""
-    path = Path(path)
     if layout not in FORMATS or on_error not in ON_ERROR:
         raise ValueError(f"layout must be one of {FORMATS} and on_error one of {ON_ERROR}")
     stats = ReadStats() if stats is None else stats
-    kind = file_layout(path)
-    with open(path, "rb") as f:
-        records = _jsonl(f, path) if kind == "jsonl" else _json_values(f, path, array=kind == "json array")
-        for where, record in records:
-            try:
-                if isinstance(record, DataError):
-                    raise record
-                messages, found = to_messages(record, where, layout, check)
-            except DataError as err:
-                if on_error == "fail":
-                    raise
-                stats.skip(err)
-                continue
-            stats.per_format[found] += 1
-            yield messages
+    for where, record in read_records(path):
+        try:
+            if isinstance(record, DataError):
+                raise record
+            messages, found = to_messages(record, where, layout, check)
+        except DataError as err:
+            if on_error == "fail":
+                raise
+            stats.skip(err)
+            continue
+        stats.per_format[found] += 1
+        yield messages

@@ -3,8 +3,11 @@ options — run in-process, their output compared with values the tests build th
 
 import importlib.util
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -165,6 +168,67 @@ def test_explain_example_shows_tokens_labels_positions_and_documents(tmp_path, t
     assert [int(line.split()[2]) for line in ours] == example.input_ids
     assert sum("*" in line for line in ours) == example.num_trained_tokens
     assert sorted(set(docs)) == [0, 1]
+
+
+def run_script(*args) -> subprocess.CompletedProcess:
+    """explain_example.py as a user runs it: a subprocess, this checkout's minisft first on the path."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, str(root / "scripts" / "explain_example.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_explain_example_shows_a_long_answer_whole_and_says_where_it_cuts(tmp_path, tok_dir):
+    tok = Tokenizer.from_file(tok_dir)
+    long_answer = " ".join(WORDS * 12)  # > 256 tokens: the old default row cut it
+    records = [messages("the cat", long_answer), messages("see", "the sea")]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    example = ChatML(tok).render(records[0]["messages"])
+    assert len(example.input_ids) > 256
+    done = run_script(path, "--tokenizer", tok_dir)
+    assert done.returncode == 0 and done.stderr == ""
+    header = done.stdout.splitlines()[0]
+    assert header.startswith(f"record 1 ({path}:1, chatml format") and "note:" not in done.stdout
+    table = [line for line in done.stdout.splitlines() if re.match(r"^\s+\d+\s+0\s+\d+\s", line)]
+    assert sum("*" in line for line in table) == example.num_trained_tokens  # the whole answer, trained
+
+    done = run_script(path, "--tokenizer", tok_dir, "--max-seq-len", 100)
+    trained = example.num_trained_tokens
+    kept = sum(label != -100 for label in example.labels[:100])
+    assert done.returncode == 0
+    assert done.stdout.splitlines()[0] == (
+        f"note: record 1 is {len(example.input_ids)} tokens; --max-seq-len 100 cuts it there, "
+        f"inside its answers: {kept} of {trained} trained tokens kept"
+    )
+
+
+def test_explain_example_reads_record_n_past_a_bad_one_and_bad_input_is_one_line(tmp_path, tok_dir):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        json.dumps(messages("the cat", "sat")) + "\n{not json\n" + json.dumps(messages("see", "the sea")) + "\n"
+    )
+    done = run_script(path, "--tokenizer", tok_dir, "--record", 3)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"record 3 ({path}:3, chatml format")
+    for args, message in [
+        (["--record", 0], "error: --record counts from 1"),
+        (["--record", 2], f"error: {path}:2: invalid JSON"),
+        (["--record", 9], f"error: {path} has 3 records: there is no record 9"),
+        (["--record", "two"], "error: argument --record: invalid int value: 'two'"),
+        (["--max-seq-len", 1], "error: --record counts from 1, --neighbours from 0, and --max-seq-len is at least 2"),
+        (["--chat-format", "llama3"], "error: token '<|eot_id|>' is not in the tokenizer's vocabulary"),
+    ]:
+        done = run_script(path, "--tokenizer", tok_dir, *args)
+        assert done.returncode == 2 and done.stdout == "", (args, done.stdout)
+        assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, (args, done.stderr)
+    for args, message in [
+        ([tmp_path / "absent.jsonl", "--tokenizer", tok_dir], f"error: {tmp_path / 'absent.jsonl'}: no such file"),
+        ([path, "--tokenizer", tmp_path], f"error: no tokenizer.json at {tmp_path / 'tokenizer.json'}"),
+        ([path, "--tokenizer", path], f"error: {path}: not a tokenizer.json"),
+    ]:
+        done = run_script(*args)
+        assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
 
 
 # ---------------------------------------------------------------- train with the data options
