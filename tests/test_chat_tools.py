@@ -14,16 +14,13 @@ import random
 from pathlib import Path
 
 import pytest
-from test_chat_formats import SPECIALS, SPLIT, load_qwen3
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as HFTokenizer
+from test_chat_formats import load_qwen3, ours_and_theirs, train_bpe
 
 from minisft.__main__ import main
 from minisft.chat import Llama31, make_chat_format
 from minisft.data import Conversation, DataError, ReadStats, read_conversations
 from minisft.dataset import load_examples
 from minisft.hf import CHAT_TEMPLATES, chat_format_of
-from minisft.tokenizer import Tokenizer
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 transformers = pytest.importorskip("transformers")
@@ -106,6 +103,11 @@ def reference_trained_positions(render, turns: list[dict], untrained_tail: int) 
     return trained
 
 
+def prompt_end(turns: list[dict]) -> int:
+    """Where the last answer begins: the turns before it are the prompt generation is given."""
+    return max(i for i, turn in enumerate(turns) if turn["role"] != "assistant") + 1
+
+
 def our_trained_positions(example) -> set[int]:
     return {t + 1 for t, label in enumerate(example.labels) if label != -100}
 
@@ -116,29 +118,7 @@ def our_trained_positions(example) -> set[int]:
 @pytest.fixture(scope="module")
 def tok_and_hf():
     corpus = [json.dumps(tool_conversation(seed), ensure_ascii=False) for seed in range(40)]
-    backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(SPLIT), "isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=900,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus * 2, trainer)
-    tok = Tokenizer(HFTokenizer.from_str(backend.to_str()), eos_token="<|endoftext|>", pad_token="<|pad|>")
-    hf = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=HFTokenizer.from_str(backend.to_str()),
-        bos_token="<|begin_of_text|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|pad|>",
-    )
-    return tok, hf
+    return ours_and_theirs(train_bpe(corpus * 2, 900))
 
 
 def renderer(hf, template: str | None, tools: list[dict], **fixed):
@@ -156,7 +136,7 @@ def assert_equal_to_template(chat, render, turns, tools, untrained_tail):
     assert example.input_ids == whole[:-1]
     assert example.labels[-1] == (whole[-1] if untrained_tail == 0 else -100)
     assert our_trained_positions(example) == reference_trained_positions(render, turns, untrained_tail)
-    prompt_at = max(i for i, turn in enumerate(turns) if turn["role"] != "assistant") + 1
+    prompt_at = prompt_end(turns)
     assert chat.render_prompt(Conversation(conversation[:prompt_at], tools)) == render(
         turns[:prompt_at], add_generation_prompt=True
     )
@@ -203,7 +183,7 @@ def test_chatml_tool_calls_equal_qwen25s_template_and_qwen3s_prompt(tok_and_hf, 
     chat = make_chat_format("chatml", qwen3_tok)
     for seed in range(25):
         turns, tools = tool_conversation(seed, text_args=seed % 2 == 1, system=False)
-        cut = max(i for i, turn in enumerate(turns) if turn["role"] != "assistant") + 1
+        cut = prompt_end(turns)
         prompt = renderer(qwen3_hf, None, tools)(turns[:cut], add_generation_prompt=True)
         assert chat.render_prompt(Conversation(ours(turns, tools)[:cut], tools)) == prompt
 
@@ -277,7 +257,7 @@ def test_exported_template_renders_tool_conversations_as_the_format_does(tok_and
             kept = turns if tools_given else [t for t in turns if t["role"] != "tool" and "tool_calls" not in t]
             render = renderer(hf, CHAT_TEMPLATES[name], tools_given)
             assert chat.render(ours(kept, tools_given)).input_ids == render(kept)[:-1]
-            cut = max(i for i, turn in enumerate(kept) if turn["role"] != "assistant") + 1
+            cut = prompt_end(kept)
             prompt = Conversation(ours(kept, tools_given)[:cut], tools_given)
             assert chat.render_prompt(prompt) == render(kept[:cut], add_generation_prompt=True)
 
