@@ -203,7 +203,7 @@ def test_explain_example_shows_a_long_answer_whole_and_says_where_it_cuts(tmp_pa
     )
 
 
-def test_explain_example_reads_record_n_past_a_bad_one_and_bad_input_is_one_line(tmp_path, tok_dir):
+def test_explain_example_reads_record_n_past_a_bad_one_and_bad_input_is_one_line(tmp_path, tok_dir, capsys):
     path = tmp_path / "d.jsonl"
     path.write_text(
         json.dumps(messages("the cat", "sat")) + "\n{not json\n" + json.dumps(messages("see", "the sea")) + "\n"
@@ -211,24 +211,37 @@ def test_explain_example_reads_record_n_past_a_bad_one_and_bad_input_is_one_line
     done = run_script(path, "--tokenizer", tok_dir, "--record", 3)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"record 3 ({path}:3, chatml format")
-    for args, message in [
-        (["--record", 0], "error: --record counts from 1"),
+    cases = [
+        (["--record", 0], "error: --record counts from 1"),  # as a user runs it, then in-process (torch loads once)
         (["--record", 2], f"error: {path}:2: invalid JSON"),
         (["--record", 9], f"error: {path} has 3 records: there is no record 9"),
         (["--record", "two"], "error: argument --record: invalid int value: 'two'"),
         (["--max-seq-len", 1], "error: --record counts from 1, --neighbours from 0, and --max-seq-len is at least 2"),
         (["--chat-format", "llama3"], "error: token '<|eot_id|>' is not in the tokenizer's vocabulary"),
-    ]:
-        done = run_script(path, "--tokenizer", tok_dir, *args)
-        assert done.returncode == 2 and done.stdout == "", (args, done.stdout)
-        assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, (args, done.stderr)
-    for args, message in [
+    ]
+    done = run_script(path, "--tokenizer", tok_dir, *cases[0][0])
+    assert (done.returncode, done.stdout) == (2, "") and done.stderr.startswith(cases[0][1]), done.stderr
+    assert done.stderr.count("\n") == 1
+    script = load_script()
+
+    def run_in_process(*args) -> tuple[int, str, str]:
+        try:
+            code = script.main([str(arg) for arg in args])
+        except SystemExit as exit:  # argparse's errors
+            code = exit.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    cases += [
         ([tmp_path / "absent.jsonl", "--tokenizer", tok_dir], f"error: {tmp_path / 'absent.jsonl'}: no such file"),
         ([path, "--tokenizer", tmp_path], f"error: no tokenizer.json at {tmp_path / 'tokenizer.json'}"),
         ([path, "--tokenizer", path], f"error: {path}: not a tokenizer.json"),
-    ]:
-        done = run_script(*args)
-        assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    ]
+    for args, message in cases:
+        args = args if isinstance(args[0], Path) else [path, "--tokenizer", tok_dir, *args]
+        code, out, err = run_in_process(*args)
+        assert (code, out) == (2, ""), (args, out)
+        assert err.startswith(message) and err.count("\n") == 1, (args, err)
 
 
 # ---------------------------------------------------------------- train with the data options
