@@ -137,12 +137,15 @@ def train_run(config: RunConfig, ranks: distributed.Ranks, resume: bool) -> None
 
 
 def data_check_command(args: argparse.Namespace) -> int:
-    """Print the quality report; exit 2 when the file holds bad records."""
+    """Print the quality report; exit 2 when the file holds bad records (or, with --strict, warnings)."""
     chat = None
     if args.tokenizer:
         chat = chat_format(args.chat_format, Tokenizer.from_file(args.tokenizer), args.train_on)
     report = check_file(args.file, chat, args.max_seq_len, args.format)
     print(format_report(report, chat))
+    if args.strict and report.num_warnings:
+        print(f"error: {report.num_warnings} warnings in {args.file} (--strict)", file=sys.stderr)
+        return 2
     return 2 if report.read.num_skipped else 0
 
 
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--train-on", default="assistant", choices=TRAIN_ON)
     check.add_argument("--format", default="auto", choices=FORMATS, help="record layout (default: per record)")
     check.add_argument("--max-seq-len", type=int, default=0, help="count records longer than this many tokens")
+    check.add_argument("--strict", action="store_true", help="exit 2 on any warning too, not only on bad records")
     add_chat_arguments(commands.add_parser("chat", help="talk to a model in the terminal (or answer --prompt)"))
     export = commands.add_parser("export", help="write a model as a Hugging Face folder or a GGUF file")
     export.add_argument("model", help="a run folder, a minisft checkpoint, a Hugging Face folder or a .gguf file")

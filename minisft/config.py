@@ -39,7 +39,7 @@ class DataConfig:
     eval_file: str = ""  # same layouts; held-out loss is reported on it ("" = none)
     tokenizer: str = ""  # a tokenizer.json, or a folder with tokenizer.json + tokenizer_config.json
     format: str = "auto"  # record layout: auto (per record, from its keys) or one of data.FORMATS
-    chat_format: str = "chatml"  # how turns become tokens: chatml, qwen3, llama3, instruction
+    chat_format: str = "chatml"  # how turns become tokens: chatml, qwen3, llama3, llama3.1, instruction
     train_on: str = "assistant"  # trained turns: assistant (every answer), last (final answer), all
     on_error: str = "fail"  # a bad record: fail (stop, naming file:line) or skip (counted, reported)
     max_seq_len: int = 512  # tokens per example (and per packed row)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from minisft.chat import ChatFormat, Example
 from minisft.data import ReadStats
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: tool calling, the llama3.1 format, records a format cannot render skipped
 
 
 def file_sha256(path: str | Path) -> str:

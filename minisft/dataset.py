@@ -89,7 +89,7 @@ def load_examples(
     examples: list[Example] = []
     counters = {"dropped": "dropped_too_long", "truncated": "truncated", "answer cut off": "answer_cut_off"}
 
-    def render(batch: list[list[dict[str, str]]]) -> None:
+    def render(batch: list[list[dict]]) -> None:
         for example in chat.render_many(batch):
             kept, what = fit(example, max_seq_len, too_long)
             if what:
@@ -97,8 +97,8 @@ def load_examples(
             if kept is not None:
                 examples.append(kept)
 
-    batch: list[list[dict[str, str]]] = []
-    for messages in read_conversations(path, layout, on_error, report.read):
+    batch: list[list[dict]] = []
+    for messages in read_conversations(path, layout, on_error, report.read, check=chat.check):
         batch.append(messages)
         if len(batch) == RENDER_BATCH:
             render(batch)

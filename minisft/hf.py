@@ -1,4 +1,4 @@
-"""Load and export Hugging Face checkpoints of the Llama family: Llama, Mistral and Qwen2.
+"""Load and export Hugging Face checkpoints of the Llama family: Llama, Mistral, Qwen2 and Qwen3.
 
 A Hugging Face model folder holds
 
@@ -7,16 +7,18 @@ A Hugging Face model folder holds
     tokenizer.json, tokenizer_config.json  the tokenizer and its special tokens (eos, pad, bos)
     generation_config.json               the ids `generate` stops on
 
-The three architectures are one network with options: Mistral is Llama with a sliding attention
-window, Qwen2 is Llama with biases on the q/k/v projections. minisft's parameter names are Llama's
-without the "model." prefix, so loading is a rename plus checks: every tensor is read on its own
-through safetensors (never pickle), its shape checked against config.json, then cast.
+The four architectures are one network with options: Mistral is Llama with a sliding attention
+window, Qwen2 is Llama with biases on the q/k/v projections, Qwen3 is Llama with an RMSNorm on each
+head's queries and keys (q_norm, k_norm) and often a head width other than hidden_size / heads.
+minisft's parameter names are Llama's without the "model." prefix, so loading is a rename plus
+checks: every tensor is read on its own through safetensors (never pickle), its shape checked
+against config.json, then cast.
 
 Export writes the same layout as LlamaForCausalLM — or Qwen2ForCausalLM when the projections have
-biases — which transformers, vLLM and llama.cpp all read (a Mistral model comes back as Llama: the
-same network, its window already folded into max_position_embeddings). The chat format minisft trained with goes
-along: as a chat template, and as the stop token in generation_config.json, so the model stops
-after its answer (pitfall 1).
+biases, Qwen3ForCausalLM when the heads have q/k norms — which transformers, vLLM and llama.cpp all
+read (a Mistral model comes back as Llama: the same network, its window already folded into
+max_position_embeddings). The chat format minisft trained with goes along: as a chat template, and
+as the stop token in generation_config.json, so the model stops after its answer (pitfall 1).
 """
 
 from __future__ import annotations
@@ -30,29 +32,74 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minisft.chat import make_chat_format
+from minisft.chat import TOOLS_HEAD, TOOLS_TAIL, Llama31, make_chat_format
 from minisft.checkpoint import write_folder
 from minisft.model import ModelConfig, Transformer
 from minisft.tokenizer import Tokenizer, read_chat_template
 
 # Architecture -> the model_type config.json gives with it.
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
 
 # Chat format (chat.py) -> a Jinja template rendering it the same way, for the tools that read
-# tokenizer_config.json's chat_template (transformers' apply_chat_template, vLLM). The qwen3 format
-# is Qwen3's own template, which a Qwen3 tokenizer brings along (Tokenizer.chat_template).
+# tokenizer_config.json's chat_template (transformers' apply_chat_template, vLLM), tool calls
+# included. The qwen3 format is Qwen3's own template, which a Qwen3 tokenizer brings along
+# (Tokenizer.chat_template). Texts go in as JSON strings, which Jinja reads back unchanged.
+_CALL = (  # one tool call, OpenAI's nesting undone; arguments given as JSON text are written as they are
+    "{%- set call = call.function if call.function is defined else call %}"
+    "{%- set arguments = call.arguments if call.arguments is string else call.arguments | tojson %}"
+)
 CHAT_TEMPLATES = {
     "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        "{%- if tools %}{{ '<|im_start|>system\\n' }}"
+        "{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+        "{{- " + json.dumps(TOOLS_HEAD) + " }}{% for tool in tools %}{{ '\\n' + tool | tojson }}{% endfor %}"
+        "{{- " + json.dumps(TOOLS_TAIL) + " + '<|im_end|>\\n' }}{% endif %}"
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'tool' %}"
+        "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+        "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+        "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+        "{%- elif not (tools and loop.first and message['role'] == 'system') %}"
+        "{%- set content = message['content'] or '' %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + content }}"
+        "{%- for call in message.tool_calls or [] %}"
+        + _CALL
+        + "{%- if content or not loop.first %}{{ '\\n' }}{% endif %}"
+        "{{- '<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' + arguments + '}\\n</tool_call>' }}"
+        "{%- endfor %}{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     ),
     "llama3": (
         "{{ '<|begin_of_text|>' }}{% for message in messages %}"
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
         " + '<|eot_id|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "llama3.1": (  # the date fixed, as chat.Llama31 renders it
+        "{%- set first = 1 if messages and messages[0]['role'] == 'system' else 0 %}"
+        "{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+        "{%- if tools %}{{ 'Environment: ipython\\n' }}{% endif %}"
+        "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: " + Llama31.today + "\\n\\n' }}"
+        "{%- if first %}{{ messages[0]['content'] | trim }}{% endif %}{{ '<|eot_id|>' }}"
+        "{%- for message in messages[first:] %}"
+        "{%- if tools and loop.first %}"
+        "{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' + " + json.dumps(Llama31.TOOLS_INTRO) + " }}"
+        "{%- for tool in tools %}{{ tool | tojson(indent=4) + '\\n\\n' }}{% endfor %}"
+        "{{- message['content'] | trim + '<|eot_id|>' }}"
+        "{%- elif message['role'] == 'tool' %}"
+        "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message['content'] | tojson + '<|eot_id|>' }}"
+        "{%- elif message.tool_calls %}{% set call = message.tool_calls[0] %}"
+        + _CALL
+        + '{{- \'<|start_header_id|>assistant<|end_header_id|>\\n\\n{"name": "\' + call.name + \'", "parameters": \''
+        " + arguments + '}<|eot_id|>' }}"
+        "{%- else %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+        " + '<|eot_id|>' }}{% endif %}{% endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
     ),
     "instruction": (
         "{% for message in messages %}"
@@ -118,7 +165,7 @@ def _rope(hf: dict, where: Path) -> dict:
 def _sliding_window(hf: dict, architecture: str) -> int | None:
     if architecture == "mistral":
         return hf.get("sliding_window")
-    if architecture == "qwen2" and hf.get("use_sliding_window"):
+    if architecture in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         return hf.get("sliding_window")
     return None
 
@@ -148,8 +195,7 @@ def model_config_from_hf(hf: dict, where: Path) -> ModelConfig:
         )
     except KeyError as err:
         raise CheckpointError(f"{where}: missing key {err}") from None
-    if hf.get("head_dim") not in (None, dim // n_heads):
-        raise CheckpointError(f"{where}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    head_dim = hf.get("head_dim") or dim // n_heads  # explicit in Qwen3 and Mistral-Nemo configs
     window = _sliding_window(hf, architecture)
     if window and window < sizes["max_seq_len"]:
         # Up to `window` tokens, sliding-window attention is plain causal attention: cap there.
@@ -158,14 +204,23 @@ def model_config_from_hf(hf: dict, where: Path) -> ModelConfig:
     return ModelConfig(
         **sizes,
         **_rope(hf, where),
-        tie_embeddings=hf.get("tie_word_embeddings", False),  # False is the default of all three
+        tie_embeddings=hf.get("tie_word_embeddings", False),  # False is the default of all four
         attention_bias=architecture == "qwen2",
+        qk_norm=architecture == "qwen3",
+        head_dim=head_dim,
     )
 
 
 def hf_config(config: ModelConfig, tokenizer: Tokenizer, stop_ids: list[int], dtype: torch.dtype) -> dict:
-    """ModelConfig -> config.json of a LlamaForCausalLM, or a Qwen2ForCausalLM with q/k/v biases."""
-    architecture = "Qwen2ForCausalLM" if config.attention_bias else "LlamaForCausalLM"
+    """ModelConfig -> config.json of a LlamaForCausalLM, a Qwen2ForCausalLM (q/k/v biases) or a
+    Qwen3ForCausalLM (q/k norms)."""
+    if config.qk_norm and config.attention_bias:
+        raise CheckpointError(
+            "q/k norms with q/k/v biases: no Hugging Face architecture has both (Qwen3's bias is on o too)"
+        )
+    architecture = (
+        "Qwen3ForCausalLM" if config.qk_norm else "Qwen2ForCausalLM" if config.attention_bias else "LlamaForCausalLM"
+    )
     rope_scaling = None
     if config.rope_scaling:
         rope_scaling = {"rope_type": config.rope_scaling, "factor": config.rope_factor}
@@ -191,7 +246,9 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, stop_ids: list[int], dt
         "rope_theta": config.rope_theta,
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": config.tie_embeddings,
-        **({"use_sliding_window": False} if config.attention_bias else {"attention_bias": False, "mlp_bias": False}),
+        **({"use_sliding_window": False} if architecture != "LlamaForCausalLM" else {}),
+        **({"attention_bias": False} if architecture != "Qwen2ForCausalLM" else {}),
+        **({"mlp_bias": False} if architecture == "LlamaForCausalLM" else {}),
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": stop_ids,
         "pad_token_id": tokenizer.pad_id,
@@ -266,7 +323,8 @@ def chat_format_of_template(template: str | None) -> str | None:
     if "<|im_start|>" in template:
         return "qwen3" if "<think>" in template else "chatml"
     if "<|start_header_id|>" in template and "<|eot_id|>" in template:
-        return "llama3"
+        # Llama 3.1 to 3.3 add a system block with dates; 3.0 does not
+        return "llama3.1" if "Cutting Knowledge Date" in template else "llama3"
     return None
 
 

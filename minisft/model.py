@@ -41,6 +41,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
     attention_bias: bool = False  # biases on the q, k and v projections (Qwen2), none on o
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    head_dim: int = 0  # width of one attention head; 0: dim // n_heads (Qwen3 checkpoints often differ)
     # RoPE scaling, as a pretrained checkpoint's config.json names it: "" (none), "linear" (every
     # rotation slowed by rope_factor) or "llama3" (Llama 3.1: only the slow rotations slowed).
     rope_scaling: str = ""
@@ -55,12 +57,16 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be at least 1, got {getattr(self, name)}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError("model.rope_theta and model.norm_eps must be positive")
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+        if self.head_dim < 0:
+            raise ValueError(f"model.head_dim must be at least 0 (0: dim // n_heads), got {self.head_dim}")
+        if not self.head_dim:
+            if self.dim % self.n_heads:
+                raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)  # frozen: resolved once, here
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim {self.head_dim} must be even for rotary embeddings")
         if self.rope_scaling not in ROPE_SCALINGS:
             raise ValueError(f"model.rope_scaling: unknown {self.rope_scaling!r}; choose one of {ROPE_SCALINGS}")
         if self.rope_factor <= 0:
@@ -68,15 +74,11 @@ class ModelConfig:
         if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
             raise ValueError("model.rope_low_freq_factor must be positive and below model.rope_high_freq_factor")
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
     def num_params(self) -> int:
         """Parameter count from the config alone (embedding counted once when tied)."""
-        d, kv = self.dim, self.n_kv_heads * self.head_dim
-        attention = d * d * 2 + d * kv * 2  # q, o and k, v projections
-        attention += (d + 2 * kv) * self.attention_bias
+        d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attention = d * q * 2 + d * kv * 2  # q, o and k, v projections
+        attention += (q + 2 * kv) * self.attention_bias + 2 * self.head_dim * self.qk_norm
         mlp = 3 * d * self.ffn_dim
         per_layer = attention + mlp + 2 * d  # + two RMSNorm gains
         head = 0 if self.tie_embeddings else self.vocab_size * d
@@ -91,7 +93,7 @@ class ModelConfig:
         """
         untied_embedding = 0 if self.tie_embeddings else self.vocab_size * self.dim
         n_matmul = self.num_params() - untied_embedding
-        attention = 12 * self.n_layers * self.dim * seq_len // 2
+        attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len // 2
         return 6 * n_matmul + attention
 
 
@@ -228,20 +230,28 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Grouped-query attention. With qk_norm (Qwen3), each head's queries and keys are RMS-normed
+    over the head dimension before RoPE, which keeps attention logits bounded (Dehghani et al. 2023)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        kv_dim = config.n_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.dim, bias=config.attention_bias)
+        q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.dim, q_dim, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.dim, kv_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.dim, kv_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, config.dim, bias=False)
+        # One gain vector of head_dim per norm, shared by the heads.
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend, document_ids: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attend(q, k, v, document_ids)  # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, -1))

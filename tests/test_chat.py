@@ -126,10 +126,10 @@ def test_render_prompt_is_the_conversation_up_to_the_last_answer(fixture, reques
 
 
 def test_unknown_role_is_refused(demo_tok):
-    with pytest.raises(ValueError, match="unknown role 'tool'"):
-        ChatML(demo_tok).render([{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}])
-    with pytest.raises(ValueError, match="unknown role 'tool'"):
-        ChatML(demo_tok).render_prompt([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
+    with pytest.raises(ValueError, match="unknown role .bot."):
+        ChatML(demo_tok).render([{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}])
+    with pytest.raises(ValueError, match="unknown role .bot."):
+        ChatML(demo_tok).render_prompt([{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}])
 
 
 def test_render_text_trains_every_token_and_ends_with_eos(demo_tok):

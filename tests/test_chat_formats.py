@@ -60,8 +60,8 @@ CONVERSATIONS = [random_conversation(random.Random(seed)) for seed in range(60)]
 CORPUS = [m["content"] for c in CONVERSATIONS for m in c] + ["system user assistant Instruction Response"]
 
 
-@pytest.fixture(scope="module")
-def backend() -> HFTokenizer:
+def train_bpe(corpus: list[str], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE with Llama 3's and Qwen's pre-tokenizer and the SPECIALS, trained on corpus."""
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -71,13 +71,31 @@ def backend() -> HFTokenizer:
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600,
+        vocab_size=vocab_size,
         special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(CORPUS * 3, trainer)
+    backend.train_from_iterator(corpus, trainer)
     return backend
+
+
+def ours_and_theirs(backend: HFTokenizer) -> tuple[Tokenizer, object]:
+    """minisft's tokenizer and transformers' over the same BPE (each a fresh copy of it)."""
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer(HFTokenizer.from_str(backend.to_str()), eos_token="<|endoftext|>", pad_token="<|pad|>")
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=HFTokenizer.from_str(backend.to_str()),  # a fresh copy: encode_special_tokens off
+        bos_token="<|begin_of_text|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+    )
+    return tok, hf
+
+
+@pytest.fixture(scope="module")
+def backend() -> HFTokenizer:
+    return train_bpe(CORPUS * 3, 600)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +196,7 @@ def test_make_chat_format_errors(tok):
         make_chat_format("chatml", tok, train_on="user")
     with pytest.raises(KeyError, match="<think>"):
         Qwen3(tok)  # this tokenizer has no think tokens
-    assert sorted(CHAT_FORMATS) == ["chatml", "instruction", "llama3", "qwen3"]
+    assert sorted(CHAT_FORMATS) == ["chatml", "instruction", "llama3", "llama3.1", "qwen3"]
     assert [ChatML.name, Llama3.name, Instruction.name] == ["chatml", "llama3", "instruction"]
 
 
@@ -223,13 +241,7 @@ LLAMA3_OFFICIAL = (
 
 @pytest.fixture(scope="module")
 def hf_tok(backend):
-    transformers = pytest.importorskip("transformers")
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=HFTokenizer.from_str(backend.to_str()),  # a fresh copy: encode_special_tokens off
-        bos_token="<|begin_of_text|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|pad|>",
-    )
+    return ours_and_theirs(backend)[1]
 
 
 def hf_render(hf_tok, messages, template, **kwargs):

@@ -3,8 +3,11 @@ options — run in-process, their output compared with values the tests build th
 
 import importlib.util
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -167,6 +170,80 @@ def test_explain_example_shows_tokens_labels_positions_and_documents(tmp_path, t
     assert sorted(set(docs)) == [0, 1]
 
 
+def run_script(*args) -> subprocess.CompletedProcess:
+    """explain_example.py as a user runs it: a subprocess, this checkout's minisft first on the path."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, str(root / "scripts" / "explain_example.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_explain_example_shows_a_long_answer_whole_and_says_where_it_cuts(tmp_path, tok_dir):
+    tok = Tokenizer.from_file(tok_dir)
+    long_answer = " ".join(WORDS * 12)  # > 256 tokens: the old default row cut it
+    records = [messages("the cat", long_answer), messages("see", "the sea")]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    example = ChatML(tok).render(records[0]["messages"])
+    assert len(example.input_ids) > 256
+    done = run_script(path, "--tokenizer", tok_dir)
+    assert done.returncode == 0 and done.stderr == ""
+    header = done.stdout.splitlines()[0]
+    assert header.startswith(f"record 1 ({path}:1, chatml format") and "note:" not in done.stdout
+    table = [line for line in done.stdout.splitlines() if re.match(r"^\s+\d+\s+0\s+\d+\s", line)]
+    assert sum("*" in line for line in table) == example.num_trained_tokens  # the whole answer, trained
+
+    done = run_script(path, "--tokenizer", tok_dir, "--max-seq-len", 100)
+    trained = example.num_trained_tokens
+    kept = sum(label != -100 for label in example.labels[:100])
+    assert done.returncode == 0
+    assert done.stdout.splitlines()[0] == (
+        f"note: record 1 is {len(example.input_ids)} tokens; --max-seq-len 100 cuts it there, "
+        f"inside its answers: {kept} of {trained} trained tokens kept"
+    )
+
+
+def test_explain_example_reads_record_n_past_a_bad_one_and_bad_input_is_one_line(tmp_path, tok_dir, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        json.dumps(messages("the cat", "sat")) + "\n{not json\n" + json.dumps(messages("see", "the sea")) + "\n"
+    )
+    done = run_script(path, "--tokenizer", tok_dir, "--record", 3)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"record 3 ({path}:3, chatml format")
+    cases = [
+        (["--record", 0], "error: --record counts from 1"),  # as a user runs it, then in-process (torch loads once)
+        (["--record", 2], f"error: {path}:2: invalid JSON"),
+        (["--record", 9], f"error: {path} has 3 records: there is no record 9"),
+        (["--record", "two"], "error: argument --record: invalid int value: 'two'"),
+        (["--max-seq-len", 1], "error: --record counts from 1, --neighbours from 0, and --max-seq-len is at least 2"),
+        (["--chat-format", "llama3"], "error: token '<|eot_id|>' is not in the tokenizer's vocabulary"),
+    ]
+    done = run_script(path, "--tokenizer", tok_dir, *cases[0][0])
+    assert (done.returncode, done.stdout) == (2, "") and done.stderr.startswith(cases[0][1]), done.stderr
+    assert done.stderr.count("\n") == 1
+    script = load_script()
+
+    def run_in_process(*args) -> tuple[int, str, str]:
+        try:
+            code = script.main([str(arg) for arg in args])
+        except SystemExit as exit:  # argparse's errors
+            code = exit.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    cases += [
+        ([tmp_path / "absent.jsonl", "--tokenizer", tok_dir], f"error: {tmp_path / 'absent.jsonl'}: no such file"),
+        ([path, "--tokenizer", tmp_path], f"error: no tokenizer.json at {tmp_path / 'tokenizer.json'}"),
+        ([path, "--tokenizer", path], f"error: {path}: not a tokenizer.json"),
+    ]
+    for args, message in cases:
+        args = args if isinstance(args[0], Path) else [path, "--tokenizer", tok_dir, *args]
+        code, out, err = run_in_process(*args)
+        assert (code, out) == (2, ""), (args, out)
+        assert err.startswith(message) and err.count("\n") == 1, (args, err)
+
+
 # ---------------------------------------------------------------- train with the data options
 
 
@@ -204,3 +281,95 @@ def test_train_command_refuses_a_chat_format_the_tokenizer_lacks(tmp_path, tok_d
     assert "chat format 'llama3' does not fit this tokenizer" in capsys.readouterr().err
     assert main([*args, "--data.too_long", "cut"]) == 2
     assert "data.too_long: 'cut' is not one of drop, truncate" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- warnings: what would train oddly without an error
+
+
+def test_data_check_warns_with_counts_and_lines_and_strict_makes_them_errors(tmp_path, capsys):
+    call = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    records = [
+        messages("the cat", "sat on a mat"),  # 1: clean
+        messages("Who are you?", "I am {{name}}, made by {{author}}."),  # 2: template placeholders
+        messages("<image>\nWhat is in the picture?", "a cat"),  # 3: media placeholder
+        {"instruction": "see", "output": "the sea", "id": 7, "history": [["a", "b"]], "empty": ""},  # 4: ignored
+        messages("Repeat: the cat sat on a mat and ran far away", "The cat sat on a mat and ran far away."),  # 5
+        messages("the cat", "sat on a mat"),  # 6: exact duplicate of 1
+        messages("THE  cat!", "Sat on a mat."),  # 7: near duplicate of 1
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "c"}]},  # 8: two user turns
+        {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "hi"},
+                      {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"},
+                      {"role": "assistant", "content": "d"}]},  # 9: starts with the assistant, two answers in a row
+        {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "{}"},
+                      {"role": "assistant", "content": "c"}]},  # 10: a result nobody asked for
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "content": "1", "tool_call_id": "c1"}, {"role": "assistant", "content": "1"}],
+         "weight": 2},  # 11: calls without tool definitions (tool_call_id is no ignored field); weight ignored
+    ]  # fmt: skip
+    path = tmp_path / "w.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["data", "check", str(path)]) == 0  # warnings alone: exit 0
+    out = capsys.readouterr().out
+    expected = [
+        "warnings: 12 (first 5 of each kind shown)",
+        "  template placeholders ({{...}}), trained as literal text: 1",
+        f"    {path}:2 ({{{{author}}}}, {{{{name}}}})",
+        "  media placeholders (<image>, <video>, <audio>): the model has no media input; trained as text: 1",
+        f"    {path}:3 (<image>)",
+        "  fields training ignores (they hold something): 2",
+        "    history in 1, id in 1, weight in 1",
+        f"    {path}:4 (history, id)",
+        f"    {path}:11 (weight)",
+        "  answers that mostly copy the prompt (≥ 80% of their word trigrams): 1",
+        f"    {path}:5 (turn 1)",
+        "  exact duplicates (the same turns and tools as an earlier record): 1",
+        f"    {path}:6 (repeats line 1)",
+        "  near duplicates (the same words as an earlier record, not exact): 1",
+        f"    {path}:7 (like line 1)",
+        "  conversations that start with the assistant: 1",
+        f"    {path}:9 (turn 1)",
+        "  two user turns in a row: 1",
+        f"    {path}:8 (turn 1)",
+        "  two assistant turns in a row: 1",
+        f"    {path}:9 (turn 4)",
+        "  tool results with no tool call before them: 1",
+        f"    {path}:10 (turn 1)",
+        "  tool calls in conversations that define no tools (calls to what was never shown): 1",
+        f"    {path}:11",
+    ]
+    assert out[out.index("warnings:") :].splitlines() == expected
+    assert "duplicates: 1 exact, 2 near-exact" in out
+    assert main(["data", "check", str(path), "--strict"]) == 2
+    assert capsys.readouterr().err == f"error: 12 warnings in {path} (--strict)\n"
+
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps(r) + "\n" for r in records[:1]))
+    assert main(["data", "check", str(clean), "--strict"]) == 0
+    assert "warnings: 0" in capsys.readouterr().out
+
+
+def test_data_check_shows_the_first_five_duplicates_and_counts_them_all(tmp_path, capsys):
+    lines = [messages("the cat", "sat on a mat")] + [messages("home", f"far away {i}") for i in range(3)]
+    lines += [messages("the cat", "sat on a mat")] * 7  # lines 5..11 repeat line 1
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(["data", "check", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = out.index("  exact duplicates (the same turns and tools as an earlier record): 7")
+    assert out[at + 1 :] == [f"    {path}:{n} (repeats line 1)" for n in range(5, 10)]  # the first five only
+
+
+def test_data_check_with_a_format_without_tools_reports_tool_records_as_bad(tmp_path, tok_dir, capsys):
+    call = {"name": "f", "arguments": '{"x": 1}'}
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [call]}],
+              "tools": [{"name": "f", "parameters": {}}]}  # fmt: skip
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(messages("the cat", "sat")) + "\n")
+    args = ["data", "check", str(path), "--tokenizer", str(tok_dir)]
+    assert main([*args, "--chat-format", "instruction"]) == 2
+    out = capsys.readouterr().out
+    assert "bad records by kind: unrenderable 1" in out
+    assert f"  {path}:1: tools: the instruction chat format has no tool calling; chatml, llama3.1, qwen3 have it" in out
+    assert main([*args, "--chat-format", "chatml"]) == 0
+    assert "records: 2 read, 2 valid, 0 bad" in capsys.readouterr().out

@@ -95,7 +95,8 @@ def test_a_forced_layout_names_the_missing_field(tmp_path):
 LAYOUT_ERRORS = {
     "sharegpt unknown speaker": (
         {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]},
-        "conversations[1].from: unknown role 'bot'; expected one of ('system', 'human', 'gpt')",
+        "conversations[1].from: unknown role 'bot'; expected one of "
+        "('system', 'human', 'gpt', 'function_call', 'observation')",
         "unknown role",
     ),
     "sharegpt ends with human": (

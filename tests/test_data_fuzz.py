@@ -72,7 +72,7 @@ def odd_values(rng: random.Random) -> bytes:
             b'{"prompt": "p", "completion": NaN}',
             b'{"prompt": "p", "completion": "   "}',
             b'{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}',
-            b'{"messages": [{"role": "tool", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+            b'{"messages": [{"role": "bot", "content": "q"}, {"role": "assistant", "content": "a"}]}',
             b'"just a string"',
             b"12",
             b"null",

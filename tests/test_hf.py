@@ -27,8 +27,10 @@ ARCHITECTURES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
 }
-# name -> (architecture, config overrides): GQA, MQA, tied embeddings, q/k/v biases, rope scaling.
+# name -> (architecture, config overrides): GQA, MQA, tied embeddings, q/k/v biases, rope scaling,
+# q/k norms, a head width other than hidden_size / heads (32 / 4 = 8 here).
 VARIANTS = {
     "llama": ("llama", {}),
     "llama-mqa-tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
@@ -49,7 +51,11 @@ VARIANTS = {
     "mistral": ("mistral", {}),
     "qwen2": ("qwen2", {}),
     "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+    "llama-head-dim": ("llama", dict(head_dim=16)),
+    "qwen3": ("qwen3", dict(head_dim=16)),
+    "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True, num_key_value_heads=1, head_dim=8)),
 }
+EXPORTED_AS = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 CHAT = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hello"}]
 
 
@@ -98,6 +104,8 @@ def test_transformers_save_then_our_load_gives_the_same_logits(variant, tokenize
     reference = hf_model(architecture, **overrides)
     ours, tok, chat_format = load_hf(save_hf(reference, tokenizer, tmp_path))
     assert ours.config.attention_bias == (architecture == "qwen2")
+    assert ours.config.qk_norm == (architecture == "qwen3")
+    assert ours.config.head_dim == overrides.get("head_dim", 32 // 4)
     assert ours.config.tie_embeddings == reference.config.tie_word_embeddings
     assert (chat_format, tok.vocab_size) == (None, tokenizer.vocab_size)  # a base model: no chat template
     ids = torch.randint(0, 320, (2, 40))  # 40 > original_max_position_embeddings: rope scaling matters
@@ -112,8 +120,8 @@ def test_export_then_transformers_load_gives_the_same_logits(variant, tokenizer,
     ours, tok, _ = load_hf(save_hf(hf_model(architecture, **overrides), tokenizer, tmp_path / "in"))
     export_hf(tmp_path / "out", ours, tok, "chatml")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    # Mistral without a sliding window is Llama; Qwen2 is Llama with q/k/v biases.
-    assert type(loaded).__name__ == ("Qwen2ForCausalLM" if architecture == "qwen2" else "LlamaForCausalLM")
+    # Mistral without a sliding window is Llama; Qwen2 is Llama with q/k/v biases, Qwen3 with q/k norms.
+    assert type(loaded).__name__ == EXPORTED_AS.get(architecture, "Qwen3ForCausalLM")
     ids = torch.randint(0, 320, (2, 40))
     torch.testing.assert_close(hf_logits(loaded, ids), our_logits(ours, ids), atol=1e-5, rtol=1e-5)
     # ...and back: our reading of our export is the model we exported.
@@ -187,6 +195,32 @@ def test_cached_generation_equals_transformers_greedy_generate(variant, tokenize
     assert generate(ours, prompts, 24, set()) == expected  # batched, left-padded, cached
 
 
+def test_qwen3_on_the_triton_kernels_equals_transformers_and_the_torch_path(tokenizer, tmp_path):
+    """kernels="triton" (run by the interpreter here): q/k norms and head_dim 16 != 32 / 4 go through
+    the flash-attention and fused linear + cross-entropy kernels; logits equal transformers', and the
+    loss and every gradient equal the PyTorch path's, packed documents included."""
+    reference = hf_model("qwen3", head_dim=16)
+    folder = save_hf(reference, tokenizer, tmp_path)
+    triton, _, _ = load_hf(folder, kernels="triton")
+    torch_path, _, _ = load_hf(folder)
+    ids = torch.randint(0, 320, (2, 24))
+    torch.testing.assert_close(our_logits(triton, ids), hf_logits(reference, ids), atol=1e-5, rtol=1e-5)
+    labels = torch.where(torch.rand(2, 24) < 0.5, torch.randint(0, 320, (2, 24)), -100)
+    documents = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    positions = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, -1)
+    n = int((labels != -100).sum())
+    losses = []
+    for model in (triton, torch_path):
+        loss = model.loss(ids, labels, n, positions, documents)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    grads = dict(torch_path.named_parameters())
+    for name, p in triton.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert triton.layers[0].self_attn.q_norm.weight.grad.abs().max() > 0
+
+
 # ---------------------------------------------------------------- the real Qwen3 tokenizer
 
 
@@ -239,8 +273,8 @@ def llama_folder(tokenizer, tmp_path):
 
 
 def test_unsupported_architecture_is_named(llama_folder):
-    edit_json(llama_folder / "config.json", architectures=["Qwen3ForCausalLM"], model_type="qwen3")
-    with pytest.raises(CheckpointError, match="unsupported architecture Qwen3ForCausalLM; minisft loads LlamaFor"):
+    edit_json(llama_folder / "config.json", architectures=["GemmaForCausalLM"], model_type="gemma")
+    with pytest.raises(CheckpointError, match="unsupported architecture GemmaForCausalLM; minisft loads LlamaFor"):
         load_hf(llama_folder)
 
 
@@ -279,7 +313,6 @@ def test_unexpected_tensor_is_named(llama_folder):
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "RoPE scaling 'yarn' is not supported"),
         (dict(hidden_act="gelu"), "activation 'gelu'"),
         (dict(attention_bias=True), "a bias on o_proj"),
-        (dict(head_dim=16), "head_dim 16 != hidden_size / num_attention_heads"),
         (dict(num_hidden_layers=None), "missing key 'num_hidden_layers'"),
     ],
 )

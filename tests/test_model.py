@@ -155,7 +155,7 @@ def test_config_validation_messages():
         ModelConfig(dim=30, n_heads=4)
     with pytest.raises(ValueError, match=r"model\.n_heads=4 must be divisible by model\.n_kv_heads=3"):
         ModelConfig(dim=32, n_heads=4, n_kv_heads=3)
-    with pytest.raises(ValueError, match="head dim 3 must be even"):
+    with pytest.raises(ValueError, match="model.head_dim 3 must be even"):
         ModelConfig(dim=12, n_heads=4, n_kv_heads=2)
 
 
@@ -223,6 +223,18 @@ def test_num_params_counts_attention_biases(tie):
     assert cfg.num_params() == sum(p.numel() for p in model.parameters())
     assert cfg.num_params() - tiny_config(tie_embeddings=tie).num_params() == 2 * (32 + 2 * 16)  # q, k, v biases
     assert all(not layer.self_attn.k_proj.bias.any() for layer in model.layers)  # biases start at zero
+
+
+def test_num_params_and_flops_count_qk_norms_and_a_wider_head():
+    """Qwen3's layout: head_dim 16 != dim / n_heads = 8, and a gain vector per q and k norm."""
+    cfg = tiny_config(qk_norm=True, head_dim=16)
+    model = Transformer(cfg)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    attention = 2 * 32 * (4 * 16) + 2 * 32 * (2 * 16) + 2 * 16  # q and o, k and v, two norm gains
+    default_attention = 2 * 32 * (4 * 8) + 2 * 32 * (2 * 8)
+    assert cfg.num_params() - tiny_config().num_params() == 2 * (attention - default_attention)  # 2 layers
+    assert cfg.flops_per_token(10) == 6 * cfg.num_params() + 12 * 2 * (4 * 16) * 10 // 2  # tied: no embedding
+    assert tiny_config(head_dim=0) == tiny_config(head_dim=8)  # 0 means dim // n_heads
 
 
 def test_llama3_rope_frequencies_follow_metas_reference():
