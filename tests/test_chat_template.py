@@ -89,7 +89,7 @@ def test_qwen3s_own_template_is_qwen3(shared_data):
 @pytest.mark.parametrize(
     "template, why",
     [
-        (MISTRAL, "has a chat template that is none of minisft's formats (chatml, qwen3, llama3, instruction)"),
+        (MISTRAL, "has a chat template that is none of minisft's formats (chatml, qwen3, llama3, llama3.1, instruction)"),
         (None, "has no chat template"),
     ],
 )
