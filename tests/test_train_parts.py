@@ -218,3 +218,35 @@ def test_train_loop_lowers_eval_loss_and_logs_metrics(tmp_path):
         assert r["trained_tokens"] == 2 * 16 * 5  # two micro-batches of 16 examples, 5 trained tokens each
     assert eval_records[-1]["eval_loss/heldout"] == after
     assert train_records[-1]["train_loss"] < train_records[0]["train_loss"]
+
+
+def test_bf16_precision_on_a_cpu_autocasts_each_forward_and_never_reads_stale_weights():
+    """train.precision = "bf16" runs a CPU forward in bf16 (its loss differs from fp32's, and equals an
+    explicit autocast's) while the weights stay fp32; two steps in a row each see the updated weights —
+    which a loop inside one autocast context would not (autocast caches its bf16 weight copies)."""
+    from minisft.train import make_optimizer, optimizer_step
+
+    ids = torch.randint(0, 64, (2, 16))
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model = tiny_model(scale=2.0)
+        losses[precision] = evaluate(model, [Example(r.tolist(), r.tolist()) for r in ids], 0, 2, precision)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = tiny_model(scale=2.0).loss(ids, ids, ids.numel()).item()
+    assert losses["bf16"] == pytest.approx(expected, rel=1e-6) and losses["bf16"] != losses["fp32"]
+
+    def two_steps(model, precision):
+        optimizer = make_optimizer(model, TrainConfig(lr=1e-2, warmup_steps=1))
+        return [optimizer_step(model, optimizer, [(ids, ids)], ids.numel(), 1.0, precision=precision)[0] for _ in "ab"]
+
+    model = tiny_model(scale=2.0)
+    first, second = two_steps(model, "bf16")
+    assert model.embed_tokens.weight.dtype == torch.float32 and second < first - 0.05
+    stale = tiny_model(scale=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the bug the per-forward autocast avoids
+        stale_first, stale_second = two_steps(stale, "fp32")
+    # Same first step; the second reads the projections' first-step bf16 copies (only the embedding
+    # and norm gains, which autocast does not cast, have moved).
+    assert stale_first == first and abs(stale_second - second) > 1e-3
+    with pytest.raises(ValueError, match="train.precision"):
+        TrainConfig(precision="fp16")
