@@ -171,7 +171,9 @@ def export_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minisft", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain (CPU, ~2 min)")
+    demo = commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain (CPU, ~2 min)")
+    demo.add_argument("--model", help="the real-model demo instead: 'smollm2' (SmolLM2-135M-Instruct) or a model path")
+    demo.add_argument("--threads", type=int, default=0, help="torch threads for --model (default: every core)")
     train = commands.add_parser("train", help="supervised fine-tuning from a TOML config")
     train.add_argument("--config", help="TOML file; any key can also be given as --section.key value")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
@@ -203,9 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             if rest:
                 raise ConfigError(f"demo takes no options, got {' '.join(rest)}")
-            from minisft.demo import run_demo
+            if args.model:
+                from minisft.demo_real import RealDemoConfig, run_real_demo
 
-            run_demo()
+                run_real_demo(RealDemoConfig(model=args.model, threads=args.threads))
+            else:
+                from minisft.demo import run_demo
+
+                run_demo()
         else:
             config = resume_config(args.resume, args.config, rest) if args.resume else load_config(args.config, rest)
             train_command(config, resume=bool(args.resume))
