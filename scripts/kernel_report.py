@@ -167,13 +167,13 @@ INTRO = (
 )
 
 
-def merged_report(old: str, section: str, roofline: str) -> str:
-    """The report file with this version's section put in (newest version first), the others kept."""
+def merged_report(old: str, version: str, section: str, roofline: str) -> str:
+    """The report file with triton `version`'s section put in (newest version first), the others kept."""
     sections = {
         m.group(1): m.group(0).rstrip("\n") + "\n"
         for m in re.finditer(r"^## triton (\S+).*?(?=^## |\Z)", old, re.M | re.S)
     }
-    sections[triton.__version__] = section
+    sections[version] = section
     newest_first = sorted(sections, key=lambda v: [int(x) for x in re.findall(r"\d+", v)], reverse=True)
     return "\n".join([INTRO, *(sections[v] for v in newest_first), roofline])
 
@@ -210,7 +210,8 @@ def main() -> int:
     print(f"{n_compiles} compiles in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if not args.ci:
         REPORT.parent.mkdir(parents=True, exist_ok=True)
-        REPORT.write_text(merged_report(REPORT.read_text() if REPORT.exists() else "", section, roofline))
+        old = REPORT.read_text() if REPORT.exists() else ""
+        REPORT.write_text(merged_report(old, triton.__version__, section, roofline))
     return 1 if found else 0
 
 

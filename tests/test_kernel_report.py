@@ -9,6 +9,7 @@ TRITON_INTERPRET=1 (tests/conftest.py), under which @triton.jit builds functions
 Triton 3.6 comes from `.triton36/` (scripts/setup_triton36.sh; scripts/test.sh, what CI runs, creates it).
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -49,3 +50,21 @@ def test_kernels_compile_for_h100_and_a100_without_spills_or_shared_memory_overf
     assert run.returncode == 0, run.stdout[run.stdout.find("Problems") :] + run.stderr[-3000:]
     assert f"## triton {version} (ptxas " in run.stdout  # the compiler the numbers come from
     assert "| cross_entropy_kernel | bf16 BLOCK=4096 V%16=0 |" in run.stdout
+
+
+def test_a_run_replaces_its_own_versions_section_and_keeps_the_others(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # importing the script sets it to 0; restored after the test
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    report = importlib.import_module("kernel_report")
+    old = report.merged_report("", "3.6.0", "## triton 3.6.0 (ptxas 12.8)\n\nold 3.6 table\n", "## Roofline\n\nold\n")
+    old = report.merged_report(old, "3.10.0", "## triton 3.10.0 (ptxas 13.5)\n\n3.10 table\n", "## Roofline\n\nold\n")
+    new = report.merged_report(old, "3.6.0", "## triton 3.6.0 (ptxas 12.8)\n\nnew 3.6 table\n", "## Roofline\n\nnew\n")
+    assert new.startswith(report.INTRO)
+    assert new.count("## triton") == 2 and "old 3.6 table" not in new and "old\n" not in new
+    assert (
+        new.index("## triton 3.10.0")
+        < new.index("## triton 3.6.0")
+        < new.index("new 3.6 table")
+        < new.index("## Roofline")
+    )
+    assert new.endswith("## Roofline\n\nnew\n")
