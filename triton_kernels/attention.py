@@ -263,24 +263,29 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"head dim {D} is not supported; use 16, 32, 64 or 128")
 
 
-# Tile sizes per kernel on a GPU. Compiled for H100 (sm_90a) and A100 (sm_80) with the 16-byte
-# alignment hints a real launch gets, in bf16, none spills registers (scripts/kernel_report.py
-# checks every one); on H100 each uses wgmma (HGMMA in the SASS). Not yet timed on a GPU.
+# Tile sizes per kernel on a GPU, one table for every head dim and for triton 3.6 to 3.9. Compiled
+# for H100 (sm_90a) and A100 (sm_80) with the 16-byte alignment hints a real launch gets, in bf16,
+# none spills registers under triton 3.6 or 3.9 (scripts/kernel_report.py checks every one; CI the
+# training ones under both), and on H100 each uses wgmma (HGMMA in the SASS). Why these:
+# - The rows a program owns (BLOCK_M for fwd and dQ, BLOCK_N for dK/dV) are 16 × num_warps. A score
+#   tile that feeds the next dot from registers is split across warps by rows only, so with fewer
+#   rows the second warpgroup recomputes the first one's S and dP: the earlier 64-row, 8-warp dK/dV
+#   and dQ tiles issued 1.5× and 1.7× the HGMMA work they needed.
+# - dK/dV keeps two fp32 (BLOCK_N, D) accumulators in registers: 16 query rows per step is what fits
+#   beside them at D = 128 (32 spills on A100; 64 × 64 spilled under triton 3.6, on both GPUs).
+# - dQ: 64 × 32 in 4 warps also fits fp32 at D = 128 in A100's shared memory (128 × 32 did not).
+# Not yet timed on a GPU.
 GPU_TILES = {
     "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
 }
 # The interpreter gets 16-wide tiles, so that small test shapes span many blocks.
 INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 
 
-def _tiles(device: torch.device, kernel: str, head_dim: int) -> dict:
-    if device.type != "cuda":
-        return INTERPRETER_TILE
-    if kernel == "dkdv" and head_dim <= 64:  # on A100 the 64 × 64 tile spills at D = 64; this one does not
-        return GPU_TILES[kernel] | {"BLOCK_M": 32, "BLOCK_N": 128}
-    return GPU_TILES[kernel]
+def _tiles(device: torch.device, kernel: str) -> dict:
+    return GPU_TILES[kernel] if device.type == "cuda" else INTERPRETER_TILE
 
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -300,15 +305,16 @@ def launch_configs() -> list[LaunchConfig]:
             constexprs = {"HEAD_DIM": head_dim, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
             for name, kernel in (("fwd", attention_fwd_kernel), ("dkdv", attention_bwd_dkdv_kernel),
                                  ("dq", attention_bwd_dq_kernel)):  # fmt: skip
-                tiles = _tiles(torch.device("cuda"), name, head_dim)
+                tiles = _tiles(torch.device("cuda"), name)
                 blocks = {"BLOCK_M": tiles["BLOCK_M"], "BLOCK_N": tiles["BLOCK_N"]}
                 configs.append(LaunchConfig(
-                    kernel, f"{name} {dtype} D={head_dim}", dtype, _argument_types(kernel, dtype),
+                    kernel, f"{name} {dtype} D={head_dim} BLOCK_M={tiles['BLOCK_M']} BLOCK_N={tiles['BLOCK_N']}", dtype,
+                    _argument_types(kernel, dtype),
                     constexprs | blocks, tiles["num_warps"], tiles["num_stages"], in_ci,
                 ))  # fmt: skip
-            block_m = _tiles(torch.device("cuda"), "dq", head_dim)["BLOCK_M"]
+            block_m = _tiles(torch.device("cuda"), "dq")["BLOCK_M"]
             configs.append(LaunchConfig(
-                attention_bwd_preprocess_kernel, f"delta {dtype} D={head_dim}", dtype,
+                attention_bwd_preprocess_kernel, f"delta {dtype} D={head_dim} BLOCK_M={block_m}", dtype,
                 _argument_types(attention_bwd_preprocess_kernel, dtype),
                 {"HEAD_DIM": head_dim, "BLOCK_M": block_m}, 4, 3, dtype == "bf16" and head_dim == 128,
             ))  # fmt: skip
@@ -376,7 +382,7 @@ class AttentionFunction(torch.autograd.Function):
             doc_start, doc_end = document_bounds(document_ids)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        cfg = _tiles(q.device, "fwd", D)
+        cfg = _tiles(q.device, "fwd")
         precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests want exact fp32 dots
         attention_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
             q, k, v, o, lse, doc_start, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
@@ -392,7 +398,7 @@ class AttentionFunction(torch.autograd.Function):
         do = do.contiguous()
         (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
         delta = torch.empty_like(lse)
-        cfg = _tiles(q.device, "dq", D)
+        cfg = _tiles(q.device, "dq")
         attention_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
             o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"]
         )
@@ -400,11 +406,11 @@ class AttentionFunction(torch.autograd.Function):
         common = dict(HEAD_DIM=D, PRECISION=ctx.precision)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
         scales = (LOG2_E / math.sqrt(D), 1 / math.sqrt(D))
-        cfg = _tiles(q.device, "dkdv", D)
+        cfg = _tiles(q.device, "dkdv")
         attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * k.shape[2])](
             q, k, v, do, lse, delta, dk, dv, doc_end, *strides, T, H, group, *scales, **common, **cfg
         )
-        cfg = _tiles(q.device, "dq", D)
+        cfg = _tiles(q.device, "dq")
         attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
             q, k, v, do, lse, delta, dq, doc_start, *strides, T, H, group, *scales, **common, **cfg
         )

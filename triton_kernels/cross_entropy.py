@@ -81,14 +81,17 @@ def cross_entropy_kernel(
             tl.store(grad_ptr + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < n_cols)
         return
 
-    # 3. Online log-sum-exp over the row: running max m, running Σ exp(z - m).
+    # 3. Online log-sum-exp over the row: running max m, running Σ exp(z - m). While every logit
+    #    so far is -inf (a masked vocabulary), m is -inf and z - m would be -inf - (-inf) = NaN:
+    #    shift by 0 instead, so those blocks add exp(-inf) = 0 (one scalar select per block).
     m = float("-inf")
     d = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         z = tl.load(logits_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
         m = m_new
     lse = m + tl.log(d)
 
