@@ -29,7 +29,7 @@ from minisft.data import FORMATS, DataError
 from minisft.datacheck import check_file, format_report
 from minisft.dataset import load_examples
 from minisft.hf import CheckpointError, export_hf
-from minisft.model import ATTENTION_BACKENDS, Transformer, padded_vocab_size
+from minisft.model import ATTENTION_BACKENDS, Backends, Transformer, padded_vocab_size
 from minisft.pretrained import load_pretrained, start_from
 from minisft.tokenizer import Tokenizer
 from minisft.train import DivergedError, TrainingError, train_loop
@@ -99,7 +99,7 @@ def train_run(config: RunConfig, ranks: distributed.Ranks, resume: bool) -> None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kernels = pick_kernels(config.kernels, device)
     if config.init:  # the model, its shape and its tokenizer come from the folder
-        model, tokenizer, chat, config = start_from(config, kernels)
+        model, tokenizer, chat, config = start_from(config, Backends(kernels, kernels))
     else:
         tokenizer = Tokenizer.from_file(config.data.tokenizer)
         chat = chat_format(config.data.chat_format, tokenizer, config.data.train_on)
@@ -108,7 +108,7 @@ def train_run(config: RunConfig, ranks: distributed.Ranks, resume: bool) -> None
             print(f"model.vocab_size {config.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: using {rounded}")
             config = replace(config, model=replace(config.model, vocab_size=rounded))
         torch.manual_seed(config.train.seed)
-        model = Transformer(config.model, kernels=kernels)
+        model = Transformer(config.model, Backends(kernels, kernels))
     model = model.to(device)
     max_len = min(config.data.max_seq_len, config.model.max_seq_len)
     train_set = load_data(config.data.train_file, chat, config.data, max_len)
@@ -122,7 +122,7 @@ def train_run(config: RunConfig, ranks: distributed.Ranks, resume: bool) -> None
     out.mkdir(parents=True, exist_ok=True)
     if ranks.is_main and not resume:
         (out / "config.toml").write_text(to_toml(config))
-    print(f"model: {config.model.num_params() / 1e6:.2f}M parameters on {device}, kernels={model.kernels}")
+    print(f"model: {config.model.num_params() / 1e6:.2f}M parameters on {device}, {model.backends}")
 
     def write_extra(folder: Path) -> None:  # makes every checkpoint a model folder `chat` and `export` take
         write_model_meta(folder, model.config, tokenizer, chat.name)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minisft.loss import IGNORE_INDEX
+from minisft.labels import IGNORE_INDEX
 from minisft.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")

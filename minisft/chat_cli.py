@@ -15,7 +15,7 @@ import sys
 import torch
 
 from minisft.chat import CHAT_FORMATS, make_chat_format
-from minisft.config import ConfigError
+from minisft.errors import ConfigError
 from minisft.generate import generate
 from minisft.pretrained import find_model_folder, load_pretrained
 from minisft.tokenizer import UnknownTokenError

@@ -25,12 +25,9 @@ from typing import Any
 from minisft.chat import CHAT_FORMATS, TRAIN_ON
 from minisft.data import FORMATS, ON_ERROR
 from minisft.dataset import TOO_LONG
+from minisft.errors import ConfigError
 from minisft.model import ATTENTION_BACKENDS, ModelConfig
 from minisft.train import TrainConfig
-
-
-class ConfigError(ValueError):
-    """A user's configuration mistake; the message is meant to be printed as is."""
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
-
-
-def count_trained_tokens(labels: Tensor) -> int:
-    return int((labels != IGNORE_INDEX).sum())
+from minisft.labels import IGNORE_INDEX
 
 
 def token_loss_sum_torch(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
@@ -37,7 +33,7 @@ def token_loss_sum_triton(hidden: Tensor, head_weight: Tensor, labels: Tensor) -
     return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head_weight, labels.reshape(-1), "sum")
 
 
-# Name -> Σ-loss function with the signature above (the model's `kernels` picks one).
+# Name -> Σ-loss function with the signature above (the model's `Backends.loss` picks one).
 LOSS_BACKENDS = {"torch": token_loss_sum_torch, "triton": token_loss_sum_triton}
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from minisft.chat import Example
-from minisft.loss import IGNORE_INDEX
+from minisft.labels import IGNORE_INDEX
 
 
 class Batch(NamedTuple):

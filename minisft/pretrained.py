@@ -15,15 +15,19 @@ from __future__ import annotations
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from minisft.chat import ChatFormat, make_chat_format
 from minisft.checkpoint import load_model
-from minisft.config import ConfigError, RunConfig
+from minisft.errors import ConfigError
 from minisft.hf import is_hf_folder, load_hf
-from minisft.model import ModelConfig, Transformer, padded_vocab_size
+from minisft.model import Backends, ModelConfig, Transformer, padded_vocab_size
 from minisft.tokenizer import Tokenizer, UnknownTokenError
+
+if TYPE_CHECKING:  # only a type here: `chat` imports this module and must not load the training config
+    from minisft.config import RunConfig
 
 
 def find_model_folder(path: str | Path) -> Path:
@@ -39,14 +43,14 @@ def find_model_folder(path: str | Path) -> Path:
 
 
 def load_pretrained(
-    path: str | Path, kernels: str = "torch", dtype: torch.dtype = torch.float32
+    path: str | Path, backends: Backends | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[Transformer, Tokenizer, str | None]:
     """-> (model on CPU, tokenizer, the chat format it was trained with, None if unknown)."""
     folder = find_model_folder(path)
     if (folder / "minisft.json").is_file():
-        model, tokenizer, chat_format = load_model(folder, kernels)
+        model, tokenizer, chat_format = load_model(folder, backends)
         return model.to(dtype), tokenizer, chat_format
-    return load_hf(folder, kernels, dtype)
+    return load_hf(folder, backends, dtype)
 
 
 def fit_chat_format(model: Transformer, tokenizer: Tokenizer, name: str, train_on: str) -> tuple[ChatFormat, list[int]]:
@@ -83,12 +87,12 @@ def _check_model_keys(config: RunConfig, loaded: ModelConfig, init: str) -> None
             raise ConfigError(f"model.{f.name} = {asked!r}, but {init} has {got!r}: with init, the model is {init}'s")
 
 
-def start_from(config: RunConfig, kernels: str) -> tuple[Transformer, Tokenizer, ChatFormat, RunConfig]:
+def start_from(config: RunConfig, backends: Backends) -> tuple[Transformer, Tokenizer, ChatFormat, RunConfig]:
     """`train --init PATH`: the model and tokenizer of PATH, fitted to data.chat_format, frozen as
     the config says; -> (model on CPU, tokenizer, chat format, config with the model's shape)."""
     if config.data.tokenizer:
         raise ConfigError(f"data.tokenizer is set, but init={config.init} brings its own tokenizer: leave it empty")
-    model, tokenizer, saved_format = load_pretrained(config.init, kernels)
+    model, tokenizer, saved_format = load_pretrained(config.init, backends)
     if saved_format not in (None, config.data.chat_format):
         print(
             f"note: {config.init} was trained with chat format {saved_format!r}; this run renders "

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 from minisft.chat import Example
 from minisft.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, step_checkpoints
 from minisft.distributed import Replica, ranks, sum_across_ranks
-from minisft.loss import count_trained_tokens
+from minisft.labels import count_trained_tokens
 from minisft.model import Transformer
 from minisft.packing import Batch, pack_examples, packed_batch, packing_efficiency, pad_batch
 

@@ -17,7 +17,7 @@ import sys
 from minisft.chat import CHAT_FORMATS, TRAIN_ON, make_chat_format
 from minisft.data import read_conversations
 from minisft.dataset import fit
-from minisft.loss import IGNORE_INDEX
+from minisft.labels import IGNORE_INDEX
 from minisft.packing import pack, packed_batch
 from minisft.tokenizer import Tokenizer
 

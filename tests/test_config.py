@@ -179,3 +179,13 @@ def test_cli_bad_key_is_one_line_on_stderr_and_exit_code_2(tmp_path):
     assert result.stderr.startswith("error: ")
     assert "'train.lrr'" in result.stderr and "did you mean 'train.lr'" in result.stderr
     assert result.stdout == ""
+
+
+def test_chat_does_not_import_the_training_stack():
+    """`python -m minisft chat` loads a model and a tokenizer; the config, the loop and DDP stay out."""
+    code = "import sys, minisft.chat_cli; print(sorted(m for m in sys.modules if m.startswith('minisft')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for module in ("minisft.config", "minisft.train", "minisft.distributed", "minisft.recipe"):
+        assert f"'{module}'" not in result.stdout
+    assert "'minisft.errors'" in result.stdout

@@ -205,14 +205,14 @@ def test_linear_cross_entropy_all_ignored_and_bf16():
 
 @pytest.mark.usefixtures("one_thread")
 def test_training_step_with_triton_backend_equals_torch_backend():
-    from minisft.model import ModelConfig, Transformer
+    from minisft.model import Backends, ModelConfig, Transformer
     from minisft.train import optimizer_step
 
     config = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
     models = {}
     for kernels in ("torch", "triton"):
         torch.manual_seed(0)
-        models[kernels] = Transformer(config, kernels=kernels).to(DEVICE)
+        models[kernels] = Transformer(config, Backends(kernels, kernels)).to(DEVICE)
     input_ids = torch.randint(0, 97, (3, 11), device=DEVICE)
     labels = torch.randint(0, 97, (3, 11), device=DEVICE)
     labels[0, :5] = -100

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minisft.chat import Example
-from minisft.model import ModelConfig, Transformer
+from minisft.model import Backends, ModelConfig, Transformer
 from minisft.packing import Batch, pack, pack_examples, packed_batch, packing_efficiency, pad_batch
 from minisft.train import TrainConfig, optimizer_step, train_loop
 
@@ -86,7 +86,7 @@ def random_examples(rng: random.Random, n: int, vocab: int) -> list[Example]:
 def tiny_model(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
-    return Transformer(config, kernels="torch")
+    return Transformer(config, Backends("torch", "torch"))
 
 
 @pytest.mark.parametrize("seed", range(3))

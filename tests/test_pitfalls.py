@@ -28,8 +28,9 @@ from minisft.config import ConfigError, DataConfig, RunConfig
 from minisft.data import DataError
 from minisft.dataset import load_examples
 from minisft.hf import export_hf, load_hf
-from minisft.loss import count_trained_tokens, masked_lm_loss
-from minisft.model import ModelConfig, Transformer
+from minisft.labels import count_trained_tokens
+from minisft.loss import masked_lm_loss
+from minisft.model import Backends, ModelConfig, Transformer
 from minisft.packing import pack_examples, packed_batch, pad_batch
 from minisft.pretrained import load_pretrained, start_from
 from minisft.tokenizer import Tokenizer
@@ -530,7 +531,7 @@ def test_pitfall_14_added_special_tokens_are_trained_saved_and_exported(tmp_path
 
     # `train --init base` with ChatML adds <|im_start|> and <|im_end|>: the embedding and head grow.
     config = RunConfig(init=str(tmp_path / "base"), data=DataConfig(chat_format="chatml", cache_dir=""))
-    model, tokenizer, chat, config = start_from(config, "torch")
+    model, tokenizer, chat, config = start_from(config, Backends())
     assert "added <|im_end|>, <|im_start|> to the tokenizer" in capsys.readouterr().out
     new = [tokenizer.token_id("<|im_start|>"), tokenizer.token_id("<|im_end|>")]
     assert min(new) >= base_tok.vocab_size and model.config.vocab_size > max(new)
@@ -558,7 +559,7 @@ def test_pitfall_14_added_special_tokens_are_trained_saved_and_exported(tmp_path
         init=str(tmp_path / "base"), freeze_embeddings=True, data=DataConfig(chat_format="chatml", cache_dir="")
     )
     with pytest.raises(ConfigError, match="freeze_embeddings would leave the 2 tokens added"):
-        start_from(frozen, "torch")
+        start_from(frozen, Backends())
 
 
 def test_pitfall_15_memorising_a_small_set_is_seen_and_stopped(tmp_path):

@@ -27,9 +27,9 @@ query block and loops over key blocks (dQ).
 Grouped-query attention: query head h reads key/value head h // (H / H_kv); the dK/dV program of
 a key/value head sums over its group of query heads itself, so K and V are never repeated.
 
-Packed documents: `document_ids` (B, T) label documents as contiguous runs of equal ids (what
-packing produces; the same id appearing again later is a new document). From them each token
-gets the first index of its document (doc_start) and one past its last (doc_end). Query i sees
+Packed documents: `document_ids` (B, T) label documents as contiguous runs of equal ids (the rule
+is written once, in `documents.py`). From them each token gets the first index of its document
+(doc_start) and one past its last (doc_end): `document_bounds`. Query i sees
 keys j with doc_start[i] ≤ j ≤ i; key block loops start at the document start of the block's
 first query (and dK/dV loops stop at the document end of the block's last key), so blocks that
 lie wholly in another document are never loaded, let alone computed. In the forward only blocks
@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from triton_kernels.documents import document_bounds, document_mask
 from triton_kernels.launch import Cost, LaunchConfig
 
 LOG2_E = 1.4426950408889634
@@ -232,20 +233,6 @@ def attention_bwd_dq_kernel(
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
 
 
-def document_bounds(document_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, T) document ids -> (doc_start, doc_end), each (B, T) int32: the first index of each
-    token's document and one past its last. Documents are contiguous runs of equal ids."""
-    B, T = document_ids.shape
-    index = torch.arange(T, device=document_ids.device).expand(B, T)
-    first = torch.ones_like(document_ids, dtype=torch.bool)
-    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    last = torch.ones_like(first)
-    last[:, :-1] = first[:, 1:]
-    doc_start = torch.where(first, index, 0).cummax(dim=1).values
-    doc_end = torch.where(last, index + 1, T).flip(1).cummin(dim=1).values.flip(1)
-    return doc_start.to(torch.int32).contiguous(), doc_end.to(torch.int32).contiguous()
-
-
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -364,16 +351,14 @@ def reference_costs() -> list[Cost]:
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, doc_start: Tensor | None, doc_end: Tensor | None) -> Tensor:
         _check(q, k, v)
         # Contiguous, so the gradients (empty_like) share the inputs' strides; a no-op in the model.
         q, k, v = (t.contiguous() for t in (q, k, v))
         (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
-        if document_ids is None:  # one document per row: every key from 0 is in the query's document
+        if doc_start is None:  # one document per row: every key from 0 is in the query's document
             doc_start = torch.zeros(B, T, dtype=torch.int32, device=q.device)
             doc_end = torch.full((B, T), T, dtype=torch.int32, device=q.device)
-        else:
-            doc_start, doc_end = document_bounds(document_ids)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         cfg = _tiles(q.device, "fwd", D)
@@ -408,30 +393,33 @@ class AttentionFunction(torch.autograd.Function):
         attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
             q, k, v, do, lse, delta, dq, doc_start, *strides, T, H, group, *scales, **common, **cfg
         )
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """Causal attention. q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D), in q's dtype.
 
     With document_ids (B, T) — contiguous runs of equal ids, one per packed document — a token
-    attends only to earlier tokens of its own document.
+    attends only to earlier tokens of its own document. A caller that attends many times over the
+    same documents (the model: once per layer) passes `bounds = document_bounds(document_ids)`,
+    computed once, instead.
     """
-    return AttentionFunction.apply(q, k, v, document_ids)
+    if bounds is None and document_ids is not None:
+        bounds = document_bounds(document_ids)
+    return AttentionFunction.apply(q, k, v, *(bounds or (None, None)))
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
-    """The same maths in plain PyTorch, in fp32, with the explicit (B, 1, T, T) mask.
-
-    A document is a contiguous run of equal ids, as in the kernel: runs are numbered by counting
-    id changes, and tokens see each other only within a run."""
+    """The same maths in plain PyTorch, in fp32, with the explicit (B, 1, T, T) mask of `documents.py`."""
     T, D, group = q.shape[1], q.shape[3], q.shape[2] // k.shape[2]
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
     kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
     scores = qf @ kf.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
-    visible = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    if document_ids is not None:
-        runs = torch.cat([torch.zeros_like(document_ids[:, :1]), document_ids.diff(dim=1).ne(0).long()], 1).cumsum(1)
-        visible = visible & (runs[:, :, None] == runs[:, None, :])[:, None]
+    if document_ids is None:
+        visible = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    else:
+        visible = document_mask(document_ids)
     out = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ vf
     return out.transpose(1, 2).to(q.dtype)
