@@ -26,6 +26,7 @@ from minisft.chat import CHAT_FORMATS, TRAIN_ON
 from minisft.data import FORMATS, ON_ERROR
 from minisft.dataset import TOO_LONG
 from minisft.errors import ConfigError
+from minisft.loss import LOSS_BACKENDS
 from minisft.model import ATTENTION_BACKENDS, ModelConfig
 from minisft.train import TrainConfig
 
@@ -63,7 +64,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class RunConfig:
     out_dir: str = "runs/sft"  # metrics.jsonl, config.toml and checkpoints/ go here
-    kernels: str = "auto"  # "torch", or "auto": the fastest backend available on the device
+    kernels: str = "auto"  # attention and loss backends at once: torch, triton, or auto (triton on CUDA, torch on CPU)
+    attention: str = ""  # attention alone: torch (SDPA) or triton (flash-attention kernel); "" = as kernels
+    loss: str = ""  # loss alone: torch (F.cross_entropy on full logits) or triton (fused linear + CE); "" = as kernels
     init: str = ""  # start from this model (Hugging Face or minisft folder) instead of a random one
     freeze_embeddings: bool = False  # with init: keep the token embedding (and a tied head) fixed
     freeze_layers: int = 0  # with init: keep the first N transformer layers fixed
@@ -75,6 +78,12 @@ class RunConfig:
         choices = ("auto", *ATTENTION_BACKENDS)
         if self.kernels not in choices:
             raise ValueError(f"kernels: unknown backend {self.kernels!r}; available here: {', '.join(choices)}")
+        for part, table in (("attention", ATTENTION_BACKENDS), ("loss", LOSS_BACKENDS)):
+            name = getattr(self, part)
+            if name not in ("", "auto", *table):
+                raise ValueError(
+                    f"{part}: unknown backend {name!r}; choose auto, {', '.join(table)} or '' (as kernels)"
+                )
         if self.freeze_layers < 0:
             raise ValueError(f"freeze_layers must be at least 0, got {self.freeze_layers}")
         if (self.freeze_embeddings or self.freeze_layers) and not self.init:

@@ -88,8 +88,15 @@ class _Loss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *args) -> Tensor:
-        return self.model.loss(*args)
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        num_trained_tokens: int,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
+        return self.model.loss(input_ids, labels, num_trained_tokens, position_ids, document_ids)
 
 
 def shard(model: Transformer) -> None:
@@ -122,9 +129,17 @@ class Replica:
         # DDP broadcasts rank 0's weights on construction, so every replica starts equal.
         self.ddp = DistributedDataParallel(_Loss(model)) if self.world > 1 and not self.fsdp else None
 
-    def loss(self, *args) -> Tensor:
-        """model.loss(input_ids, labels, num_trained_tokens, position_ids, document_ids)."""
-        return self.model.loss(*args) if self.ddp is None else self.ddp(*args)
+    def loss(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        num_trained_tokens: int,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
+        """`Transformer.loss`, through DDP when there is one (DDP syncs what its forward computes)."""
+        loss = self.model.loss if self.ddp is None else self.ddp
+        return loss(input_ids, labels, num_trained_tokens, position_ids, document_ids)
 
     def sync_gradients(self, now: bool) -> AbstractContextManager:
         """Around a micro-batch's forward and backward: DDP all-reduces its gradients only when

@@ -189,3 +189,22 @@ def test_chat_does_not_import_the_training_stack():
     for module in ("minisft.config", "minisft.train", "minisft.distributed", "minisft.recipe"):
         assert f"'{module}'" not in result.stdout
     assert "'minisft.errors'" in result.stdout
+
+
+def test_kernels_names_both_backends_and_attention_or_loss_override_it(tmp_path):
+    import torch
+
+    from minisft.model import Backends
+    from minisft.recipe import pick_backends
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pick_backends(load_config(), cpu) == Backends("torch", "torch")  # auto: the kernels need a GPU
+    assert pick_backends(load_config(), cuda) == Backends("triton", "triton")
+    assert pick_backends(load_config(None, ["--loss", "triton"]), cpu) == Backends("torch", "triton")
+    assert pick_backends(load_config(None, ["--kernels", "triton", "--attention", "torch"]), cpu) == Backends(
+        "torch", "triton"
+    )
+    old = load_config(write(tmp_path, 'kernels = "torch"\n'))  # a config.toml written before the split
+    assert pick_backends(old, cuda) == Backends("torch", "torch")
+    with pytest.raises(ConfigError, match="loss: unknown backend 'liger'"):
+        load_config(None, ["--loss", "liger"])

@@ -17,7 +17,8 @@ from test_train_parts import tiny_model
 import minisft.train
 from minisft.chat import Example
 from minisft.checkpoint import load_checkpoint, load_model, step_checkpoints
-from minisft.train import TrainConfig, TrainingError, example_stream, make_optimizer, train_loop
+from minisft.errors import TrainingError
+from minisft.train import TrainConfig, example_stream, make_optimizer, train_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
