@@ -4,8 +4,10 @@
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `setup` joins the process group (NCCL on GPUs,
 gloo on CPUs). Every rank holds a full replica of the model and reads its own share of each
-optimizer step's micro-batches (see `train.py`); DDP sums the gradients across ranks during the
-backward pass. Launched as a plain `python -m minisft`, none of this runs: one rank, no group.
+optimizer step's micro-batches (see `train.py`); DDP averages the gradients across ranks during
+the backward pass, and `optimizer_step` scales each rank's loss by the number of ranks so that the
+average is the sum the global loss needs. Launched as a plain `python -m minisft`, none of this
+runs: one rank, no group.
 
 With `train.fsdp = true` (for a model that does not fit one GPU) each rank holds only a shard of
 every parameter, gradient and AdamW moment instead (FSDP2, `fully_shard`): each Block, then the

@@ -2,11 +2,12 @@
 
     loss = Σ_{t : labels[t] != -100} −log softmax(h_t · Wᵀ)[labels[t]]  /  N
 
-N is the number of trained tokens in the whole optimizer step — all micro-batches (and, later,
-all ranks) — passed in by the caller. Dividing each micro-batch's *sum* by the same global N
-makes k accumulated micro-batches give exactly the loss and gradient of one big batch; taking a
-per-micro-batch mean instead weights a short answer's tokens more than a long one's (the
-gradient-accumulation bug that TRL and transformers shipped for years).
+N is the number of trained tokens in the whole optimizer step — all micro-batches and, under
+torchrun, all ranks (`train.count_tokens` sums it) — passed in by the caller. Dividing each
+micro-batch's *sum* by the same global N makes k accumulated micro-batches give exactly the loss
+and gradient of one big batch; taking a per-micro-batch mean instead weights a short answer's
+tokens more than a long one's (the gradient-accumulation bug that TRL and transformers shipped for
+years).
 
 Labels arrive already shifted (labels[t] is the token after input_ids[t]; see `chat.py`), so
 nothing here shifts.

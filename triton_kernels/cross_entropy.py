@@ -289,7 +289,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         # Always scale (no `== 1` test and its sync): these are N·d and V·d numbers, not N·V, and
-        # in training grad_output is 1/N anyway (loss.py divides the sum by the token count).
+        # in training grad_output is never 1 anyway: 1/N (loss.py divides the sum by the step's
+        # token count), world/N under torchrun (train.py scales each rank's loss by the ranks).
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden.mul_(grad_output)
