@@ -1,13 +1,18 @@
-"""Command line: `python -m minisft demo`, `python -m minisft train --config FILE.toml [--key value ...]`,
-`python -m minisft data check FILE [--tokenizer PATH ...]`, `python -m minisft chat MODEL [--prompt TEXT]`
-and `python -m minisft export MODEL OUT` (a Hugging Face folder). `train --init PATH` fine-tunes a
-pretrained model (a Hugging Face or minisft folder) instead of a random one; `train --resume RUN_DIR`
-continues an interrupted run from its newest checkpoint, with the run's own config.toml. Under
-`torchrun --nproc_per_node N -m minisft train ...` the run is data-parallel over N processes.
+"""minisft: supervised fine-tuning of language models, small enough to read.
 
-A user's mistake (config, data, paths) ends with one line on stderr naming what to fix and exit
-code 2 — never a traceback. A run stopped by its NaN guard (train.max_bad_steps non-finite steps
-in a row) ends the same way with exit code 3.
+  python -m minisft demo                                 pre-train, then SFT, a tiny model on the CPU
+  python -m minisft train --config FILE.toml [--section.key VALUE ...]   fine-tune (train --help: every key)
+  python -m minisft train --init MODEL_DIR ...           fine-tune a pretrained model (Hugging Face or minisft)
+  python -m minisft train --resume RUN_DIR               continue a run from its newest checkpoint
+  python -m minisft data check FILE [--tokenizer PATH]   the data's quality report
+  python -m minisft chat MODEL [--prompt TEXT]           talk to a model in its own chat format
+  python -m minisft export MODEL OUT                     write a Hugging Face folder
+
+Flags are spelled with underscores, as config keys are (--chat_format, --max_seq_len); a hyphen in a
+flag's name is read as an underscore. Under `torchrun --nproc_per_node N -m minisft train ...` the run
+is data-parallel over N processes. A user's mistake (config, data, paths) ends with one line on
+stderr naming what to fix and exit code 2 — never a traceback; a run stopped by its NaN guard
+(train.max_bad_steps non-finite steps in a row) ends the same way with exit code 3.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from minisft import recipe
 from minisft.chat import CHAT_FORMATS, TRAIN_ON
 from minisft.chat_cli import add_arguments as add_chat_arguments
 from minisft.chat_cli import chat_command
-from minisft.config import RunConfig, load_config
+from minisft.config import RunConfig, config_help, load_config, underscore_flags
 from minisft.data import FORMATS, DataError
 from minisft.datacheck import check_file, format_report
 from minisft.errors import ConfigError, DivergedError, TrainingError
@@ -59,25 +64,32 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minisft", description=__doc__.splitlines()[0])
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="python -m minisft", description=__doc__, formatter_class=raw)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain (CPU, ~2 min)")
-    train = commands.add_parser("train", help="supervised fine-tuning from a TOML config")
-    train.add_argument("--config", help="TOML file; any key can also be given as --section.key value")
+    commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain, on the CPU")
+    train = commands.add_parser(
+        "train",
+        help="supervised fine-tuning from a TOML config and --section.key VALUE flags",
+        description="Supervised fine-tuning: a TOML config (--config), overridden by any key below as a flag.",
+        epilog=config_help(),
+        formatter_class=raw,
+    )
+    train.add_argument("--config", help="TOML file; any key below can also be given as --section.key VALUE")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
     data = commands.add_parser("data", help="inspect a data file").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="quality report: layouts, bad records, duplicates, lengths")
     check.add_argument("file", help="JSONL or JSON file of records")
     check.add_argument("--tokenizer", help="tokenizer.json or its folder: lengths in tokens (else characters)")
-    check.add_argument("--chat-format", default="chatml", choices=sorted(CHAT_FORMATS))
-    check.add_argument("--train-on", default="assistant", choices=TRAIN_ON)
+    check.add_argument("--chat_format", default="chatml", choices=sorted(CHAT_FORMATS), help="as data.chat_format")
+    check.add_argument("--train_on", default="assistant", choices=TRAIN_ON, help="as data.train_on")
     check.add_argument("--format", default="auto", choices=FORMATS, help="record layout (default: per record)")
-    check.add_argument("--max-seq-len", type=int, default=0, help="count records longer than this many tokens")
+    check.add_argument("--max_seq_len", type=int, default=0, help="count records longer than this many tokens")
     add_chat_arguments(commands.add_parser("chat", help="talk to a model in the terminal (or answer --prompt)"))
     export = commands.add_parser("export", help="write a model as a Hugging Face folder (transformers loads it)")
     export.add_argument("model", help="a run folder or a minisft checkpoint")
     export.add_argument("out", help="the folder to write")
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(underscore_flags(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "data":
             if rest:

@@ -3,7 +3,7 @@
 Prompts are rendered with the chat format saved with the model (a minisft checkpoint's
 minisft.json, or an exported folder's tokenizer_config.json), so the model sees at inference
 exactly the layout it was trained on (pitfall 7). A Hugging Face model minisft did not train gets
-the format its chat template writes; a base model has none, and `--chat-format` must name one.
+the format its chat template writes; a base model has none, and `--chat_format` must name one.
 Each answer stops at the format's end-of-turn token or at eos.
 """
 
@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a run folder, a minisft checkpoint or a Hugging Face model folder")
     parser.add_argument("--prompt", help="answer this one message and exit (no interactive session)")
     parser.add_argument("--system", help="a system message to start the conversation with")
-    parser.add_argument("--chat-format", choices=sorted(CHAT_FORMATS), help="override the model's saved format")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--chat_format", choices=sorted(CHAT_FORMATS), help="override the model's saved format")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this mass")
+    parser.add_argument("--top_p", type=float, default=1.0, help="sample from the smallest set with this mass")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -39,7 +39,7 @@ def chat_command(args: argparse.Namespace) -> int:
     model, tokenizer, saved_format = load_pretrained(folder, dtype=dtype)
     name = args.chat_format or saved_format
     if name is None:
-        raise ConfigError(f"{folder} has no chat format (a base model?): pick one with --chat-format")
+        raise ConfigError(f"{folder} has no chat format (a base model?): pick one with --chat_format")
     try:
         chat = make_chat_format(name, tokenizer)
     except UnknownTokenError as err:

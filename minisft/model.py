@@ -32,21 +32,21 @@ ROPE_SCALINGS = ("", "linear", "llama3")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 512
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    vocab_size: int = 512  # embedding rows; raised to fit the tokenizer (a multiple of 64) when smaller
+    dim: int = 128  # the residual stream's width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads; head dim = dim / n_heads (16, 32, 64 or 128 for the Triton kernel)
     n_kv_heads: int = 2  # grouped-query attention: each K/V head serves n_heads // n_kv_heads Q heads
     ffn_dim: int = 384  # hidden width of the SwiGLU MLP
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    max_seq_len: int = 256  # the longest sequence the model accepts
+    rope_theta: float = 10000.0  # RoPE base: pair i turns by rope_theta^(-2i/head_dim) per position
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
     tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
     attention_bias: bool = False  # biases on the q, k and v projections (Qwen2), none on o
     # RoPE scaling, as a pretrained checkpoint's config.json names it: "" (none), "linear" (every
     # rotation slowed by rope_factor) or "llama3" (Llama 3.1: only the slow rotations slowed).
     rope_scaling: str = ""
-    rope_factor: float = 1.0
+    rope_factor: float = 1.0  # linear and llama3 scaling: how many times slower the scaled rotations turn
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_len / this are slowed fully
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_len / this keep their speed
     rope_original_max_seq_len: int = 8192  # llama3: the context length of pre-training

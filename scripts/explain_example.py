@@ -1,7 +1,7 @@
 """Print one record as the model sees it: every token of its packed row, with its id, its
 position id, its document, and the label it is trained to predict (or none).
 
-    python scripts/explain_example.py data.jsonl --tokenizer tok/ [--record 3] [--chat-format qwen3]
+    python scripts/explain_example.py data.jsonl --tokenizer tok/ [--record 3] [--chat_format qwen3]
 
 The record is rendered and packed with the records after it (`--neighbours`), as training with
 `data.packing = true` would. On a terminal the trained positions are green and other documents
@@ -15,6 +15,7 @@ import itertools
 import sys
 
 from minisft.chat import CHAT_FORMATS, TRAIN_ON, make_chat_format
+from minisft.config import underscore_flags
 from minisft.data import read_conversations
 from minisft.dataset import fit
 from minisft.labels import IGNORE_INDEX
@@ -81,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("file", help="JSONL or JSON file of records")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json or its folder")
     parser.add_argument("--record", type=int, default=1, help="which record, counting valid records from 1")
-    parser.add_argument("--chat-format", default="chatml", choices=sorted(CHAT_FORMATS))
-    parser.add_argument("--train-on", default="assistant", choices=TRAIN_ON)
-    parser.add_argument("--max-seq-len", type=int, default=256, help="tokens per packed row")
+    parser.add_argument("--chat_format", default="chatml", choices=sorted(CHAT_FORMATS))
+    parser.add_argument("--train_on", default="assistant", choices=TRAIN_ON)
+    parser.add_argument("--max_seq_len", type=int, default=256, help="tokens per packed row")
     parser.add_argument("--neighbours", type=int, default=3, help="records after it to pack it with")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(underscore_flags(sys.argv[1:] if argv is None else argv))  # one spelling, as config keys
     print(explain(args, colour=sys.stdout.isatty()))
     return 0
 
