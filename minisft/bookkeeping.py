@@ -2,12 +2,17 @@
 
     RunState      where the run stands (step, data position, best held-out loss, bad-step count)
     MetricsLog    metrics.jsonl, one JSON record per line, written by rank 0
-    Progress      the status line on stderr
+    Progress      the status line on stderr, with elapsed time and ETA
     Bookkeeper    uses the three: logs a step, an eval, a skip; saves checkpoints (step_N, best);
                   stops the run after too many non-finite steps or evals without improvement;
                   resumes from the newest checkpoint
 
 Nothing here changes a weight: the loop decides what to compute, this module what to remember.
+
+The console (stderr, rank 0) says what is happening: a line before step 1 (which can take a while
+on a CPU) and a warning when the whole run is warmup; then a progress line every `log_every`
+steps, each held-out loss, each checkpoint saved. metrics.jsonl holds the numbers, among them
+`tokens_per_s` (real tokens, pads excluded) and `mfu` (model FLOPs utilisation, `flops.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from minisft.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, step_checkpoints
 from minisft.distributed import Replica, ranks
 from minisft.errors import DivergedError, TrainingError
+from minisft.flops import peak_flops
 from minisft.model import Transformer
 
 if TYPE_CHECKING:  # train.py imports this module
@@ -80,23 +86,40 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
+def clock(seconds: float) -> str:
+    """1:05, or 1:02:05 past an hour."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+def per_second(count: float, unit: str) -> str:
+    """850 tok/s, 3.8k tok/s, 1.25M tok/s: never 0.0k."""
+    if count >= 1e6:
+        return f"{count / 1e6:.2f}M {unit}/s"
+    return f"{count / 1e3:.1f}k {unit}/s" if count >= 1e3 else f"{count:.0f} {unit}/s"
+
+
 class Progress:
-    """One status line: redrawn in place on a terminal, printed every log_every steps otherwise."""
+    """One status line on stderr: redrawn in place on a terminal, a line per update otherwise."""
 
-    def __init__(self, total: int, label: str, first_step: int = 1) -> None:
-        self.total, self.label, self.first_step, self.start = total, label, first_step, time.perf_counter()
-        self.live = sys.stderr.isatty()
+    def __init__(self, total: int, label: str, first: int = 1) -> None:
+        self.total, self.label, self.first, self.start = total, label, first, time.perf_counter()
+        self.live, self.drawn = sys.stderr.isatty(), False
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, done: int, details: str = "") -> None:
+        """`done` of `total` finished (counting from `first`); details go between the count and the times."""
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / (step - self.first_step + 1) * (self.total - step)
-        bar = "#" * (20 * step // self.total)
-        line = (
-            f"{self.label} [{bar:<20}] {step}/{self.total} | loss {loss:.4f} | "
-            f"{tokens_per_s / 1e3:.1f}k tok/s | ETA {int(eta // 60)}:{int(eta % 60):02d}"
-        )
-        end = "" if self.live and step < self.total else "\n"
-        print(("\r" if self.live else "") + line, end=end, file=sys.stderr, flush=True)
+        eta = elapsed / (done - self.first + 1) * (self.total - done)
+        bar = "#" * (20 * done // self.total)
+        line = f"{self.label} [{bar:<20}] {done}/{self.total}" + (f" | {details}" if details else "")
+        line += f" | {clock(elapsed)} elapsed, ETA {clock(eta)}"
+        self.drawn = self.live and done < self.total
+        print(("\r" if self.live else "") + line, end="" if self.drawn else "\n", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        """A line of its own, below a status line still being redrawn."""
+        print(("\n" if self.drawn else "") + text, file=sys.stderr, flush=True)
+        self.drawn = False
 
 
 def resume_state(
@@ -152,8 +175,33 @@ class Bookkeeper:
             if self.is_main:
                 truncate_metrics(run_dir / "metrics.jsonl", self.state.step)
         self.log = MetricsLog(run_dir / "metrics.jsonl", self.is_main)
+        model = replica.model
+        self.flops_per_token, self.peak = model.config.flops_per_token, peak_flops(model.embed_tokens.weight.device)
         self.progress = Progress(cfg.steps, label, self.state.step + 1)
-        self.tokens_since_log, self.log_clock = 0, time.perf_counter()
+        self.announce()
+        self.tokens_since_log, self.flops_since_log, self.log_clock = 0, 0, time.perf_counter()
+
+    def say(self, text: str) -> None:
+        """A console line, from rank 0 only."""
+        if self.is_main:
+            self.progress.note(text)
+
+    def announce(self) -> None:
+        """What is about to happen, before a first step that can take a while on a CPU."""
+        cfg, first = self.cfg, self.state.step + 1
+        if first > cfg.steps:
+            return
+        per_step = f"{cfg.batch_size}" + (f" × {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else "")
+        self.say(
+            f"{self.label}: steps {first}-{cfg.steps} of {per_step} examples (or packed rows), peak lr {cfg.lr:g} "
+            f"after {cfg.warmup_steps} warmup steps; a progress line every {cfg.log_every} steps"
+        )
+        if cfg.warmup_steps >= cfg.steps:
+            self.say(
+                f"{self.label}: warning: the whole run is warmup (train.warmup_steps = {cfg.warmup_steps} ≥ "
+                f"train.steps = {cfg.steps}): the learning rate climbs to {cfg.lr * cfg.steps / cfg.warmup_steps:g}, "
+                f"never reaches train.lr = {cfg.lr:g}, and never decays"
+            )
 
     def begin_step(self, step: int, micro_batches: int) -> None:
         self.state.step, self.state.micro_batches = step, self.state.micro_batches + micro_batches
@@ -162,31 +210,35 @@ class Bookkeeper:
         """A step whose batches hold no trained token is not taken: logged, warned about, counted."""
         self.state.skipped_steps += 1
         self.log.write({"step": self.state.step, "skipped": "no trained tokens in this step's batches"})
-        print(f"{self.label}: step {self.state.step} skipped: its batches hold no trained token", file=sys.stderr)
+        self.progress.note(f"{self.label}: step {self.state.step} skipped: its batches hold no trained token")
 
-    def stepped(self, loss: float, grad_norm: float, lr: float, num_trained: int, num_tokens: int) -> None:
-        """After an optimizer step: the NaN guard, then every log_every steps a metrics record."""
+    def stepped(self, loss: float, grad_norm: float, lr: float, num_trained: int, num_tokens: int, width: int) -> None:
+        """After an optimizer step over num_tokens real tokens in rows of `width`: the NaN guard, then
+        every log_every steps a metrics record and the progress line."""
         step, cfg = self.state.step, self.cfg
         bad = [name for name, value in (("loss", loss), ("grad_norm", grad_norm)) if not math.isfinite(value)]
         self.state.bad_steps = self.state.bad_steps + 1 if bad else 0
         self.tokens_since_log += num_tokens  # pads excluded
+        self.flops_since_log += num_tokens * self.flops_per_token(width)  # attention at the row width
         if bad:
             self.report_bad_step(bad)
         elif step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
             tokens_per_s = self.tokens_since_log / (now - self.log_clock)
             record = {"step": step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm}
-            self.log.write(record | {"trained_tokens": num_trained, "tokens_per_s": tokens_per_s})
+            record |= {"trained_tokens": num_trained, "tokens_per_s": tokens_per_s}
+            if self.peak:  # every rank's device counts toward the peak
+                record["mfu"] = self.flops_since_log / (now - self.log_clock) / (self.peak * ranks().world)
+            self.log.write(record)
             if self.is_main:
-                self.progress.update(step, loss, tokens_per_s)
-            self.tokens_since_log, self.log_clock = 0, now
+                self.progress.update(step, f"loss {loss:.4f} | {per_second(tokens_per_s, 'tok')}")
+            self.tokens_since_log, self.flops_since_log, self.log_clock = 0, 0, now
 
     def report_bad_step(self, bad: list[str]) -> None:
         """Log a skipped non-finite step; after max_bad_steps of them in a row, stop the run."""
         step, state, what = self.state.step, self.state, " and ".join(bad)
         self.log.write({"step": step, "skipped": f"non-finite {what}"})
-        if self.is_main:
-            print(f"step {step} skipped: non-finite {what} ({state.bad_steps} in a row)", file=sys.stderr)
+        self.say(f"step {step} skipped: non-finite {what} ({state.bad_steps} in a row)")
         if state.bad_steps >= self.cfg.max_bad_steps:
             found = step_checkpoints(self.checkpoints)
             none = "no checkpoint was saved (train.save_every = 0)"
@@ -199,7 +251,10 @@ class Bookkeeper:
     def evaluated(self, losses: dict[str, float]) -> None:
         """Log held-out losses; a new best (on the first eval set) is saved as checkpoints/best."""
         self.log.write({"step": self.state.step, **{f"eval_loss/{name}": value for name, value in losses.items()}})
-        if self.track_best(losses) and self.cfg.save_every:
+        improved = self.track_best(losses)
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
+        self.say(f"{self.label}: step {self.state.step} held-out loss {shown}" + (" (best so far)" if improved else ""))
+        if improved and self.cfg.save_every:
             self.save(self.checkpoints / "best")
 
     def track_best(self, losses: dict[str, float]) -> bool:
@@ -226,14 +281,14 @@ class Bookkeeper:
         if self.is_main:
             trainer_state = {"run": asdict(self.state), "train_config": asdict(self.cfg)}
             save_checkpoint(folder, self.replica.model, self.optimizer, trainer_state, self.write_extra, states)
+            self.say(f"{self.label}: saved {folder}")
 
     def stop_early(self) -> None:
         state = self.state
         self.log.write({"step": state.step, "early_stop": f"no better held-out loss in {state.evals_since_best} evals"})
-        print(
+        self.progress.note(
             f"{self.label}: early stop at step {state.step}; the best held-out loss, {state.best_eval_loss:.4f}, "
-            f"was at step {state.best_step}",
-            file=sys.stderr,
+            f"was at step {state.best_step}"
         )
 
     def close(self) -> None:

@@ -61,13 +61,17 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient norm that stop the run
     early_stop_patience: int = 0  # stop after this many evals without a better held-out loss (0: never)
     fsdp: bool = False  # under torchrun, shard parameters, gradients and AdamW state over the ranks (FSDP2)
+    # CPU threads torch uses from the start of the loop on (0: torch's default, one per core). One is
+    # the safe default on a shared machine: each op's threads wait at its barrier for the slowest, so
+    # a core busy with other work made the default 7-15× slower (benchmarks/bench_threads.py).
+    threads: int = 1
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_checkpoints")
         for name in (*positive, "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "early_stop_patience"):
+        for name in ("eval_every", "save_every", "early_stop_patience", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be at least 0, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -230,6 +234,8 @@ def train_loop(
     bookkeeping, checkpoints and the NaN guard are `bookkeeping.py`'s.
     """
     me, device = ranks(), model.embed_tokens.weight.device
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # for the rest of the process, evaluation and generation too
     torch.manual_seed(cfg.seed)
     replica = Replica(model, cfg.fsdp)  # before the optimizer: FSDP2 replaces the parameters by shards
     optimizer = make_optimizer(model, cfg)
@@ -251,7 +257,8 @@ def train_loop(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, grad_norm = optimizer_step(replica, optimizer, batches, num_trained, cfg.grad_clip)
-            books.stepped(loss, grad_norm, lr, num_trained, num_tokens)  # raises DivergedError
+            width = max(b.input_ids.shape[1] for b in batches)
+            books.stepped(loss, grad_norm, lr, num_trained, num_tokens, width)  # raises DivergedError
         # Every rank evaluates (the same weights, the same numbers), so all agree on when to stop.
         if eval_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             last_eval = {name: evaluate(model, ex, pad_id, cfg.eval_batch_size) for name, ex in eval_sets.items()}
