@@ -90,15 +90,8 @@ class _Loss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        labels: Tensor,
-        num_trained_tokens: int,
-        position_ids: Tensor | None = None,
-        document_ids: Tensor | None = None,
-    ) -> Tensor:
-        return self.model.loss(input_ids, labels, num_trained_tokens, position_ids, document_ids)
+    def forward(self, *loss_args) -> Tensor:  # Transformer.loss's arguments, as Replica.loss passes them
+        return self.model.loss(*loss_args)
 
 
 def shard(model: Transformer) -> None:
