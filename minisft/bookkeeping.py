@@ -193,14 +193,15 @@ class Bookkeeper:
             return
         per_step = f"{cfg.batch_size}" + (f" × {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else "")
         self.say(
-            f"{self.label}: steps {first}-{cfg.steps} of {per_step} examples (or packed rows), peak lr {cfg.lr:g} "
+            f"{self.label}: steps {first}-{cfg.steps}, {per_step} examples (or packed rows) each, peak lr {cfg.lr:g} "
             f"after {cfg.warmup_steps} warmup steps; a progress line every {cfg.log_every} steps"
         )
         if cfg.warmup_steps >= cfg.steps:
+            top = cfg.lr * cfg.steps / cfg.warmup_steps  # learning_rate at the last step, still in warmup
+            reach = "reaches train.lr at the last step" if top == cfg.lr else f"never reaches train.lr = {cfg.lr:g}"
             self.say(
                 f"{self.label}: warning: the whole run is warmup (train.warmup_steps = {cfg.warmup_steps} ≥ "
-                f"train.steps = {cfg.steps}): the learning rate climbs to {cfg.lr * cfg.steps / cfg.warmup_steps:g}, "
-                f"never reaches train.lr = {cfg.lr:g}, and never decays"
+                f"train.steps = {cfg.steps}): the learning rate climbs to {top:g}, {reach}, and never decays"
             )
 
     def begin_step(self, step: int, micro_batches: int) -> None:

@@ -239,7 +239,8 @@ def test_the_console_says_what_the_loop_does(tmp_path, capsys):
     train_loop(model, copy_task(32, 0), {"heldout": copy_task(8, 1)}, cfg, pad_id=0, run_dir=tmp_path, label="t")
     err = capsys.readouterr().err.splitlines()
     assert err[0] == (
-        "t: steps 1-4 of 8 examples (or packed rows), peak lr 0.01 after 10 warmup steps; a progress line every 2 steps"
+        "t: steps 1-4, 8 examples (or packed rows) each, peak lr 0.01 after 10 warmup steps; "
+        "a progress line every 2 steps"
     )
     assert err[1].startswith("t: warning: the whole run is warmup (train.warmup_steps = 10 ≥ train.steps = 4)")
     assert "climbs to 0.004" in err[1]  # 4 of 10 warmup steps: lr · 4 / 10, by hand
