@@ -33,7 +33,7 @@ def explain(args: argparse.Namespace, colour: bool) -> str:
         raise SystemExit(f"{args.file} has fewer than {args.record} records")
     examples = [fit(e, args.max_seq_len, "truncate")[0] for e in chat.render_many(records)]  # None: answer cut off
     if examples[0] is None:
-        raise SystemExit(f"record {args.record}: its answer starts past --max-seq-len {args.max_seq_len}")
+        raise SystemExit(f"record {args.record}: its answer starts past --max_seq_len {args.max_seq_len}")
     kept = [e for e in examples if e is not None]
     row = next(r for r in pack([len(e.input_ids) for e in kept], args.max_seq_len) if 0 in r)
     batch = packed_batch([[kept[i] for i in row]], tokenizer.pad_id)
