@@ -58,6 +58,22 @@ from triton_kernels.launch import Cost, LaunchConfig
 LOG2_E = 1.4426950408889634
 
 
+# Pointer arithmetic. Q, K, V, O and their gradients keep the model's (B, T, heads, D) layout with
+# D contiguous, so element (b, t, head, d) sits at BASE + b·stride_b + t·stride_t + head·stride_h + d.
+# A program reads a tile of rows t (a block of queries or keys) × all of D for one (b, head): the
+# row offsets broadcast down, the D offsets across. Kᵀ and Vᵀ tiles are loaded transposed directly.
+@triton.jit
+def tile_ptrs(BASE, b, rows, head, stride_b, stride_t, stride_h, offs_d):
+    """Pointers to the (len(rows), HEAD_DIM) tile of batch b, head `head`."""
+    return BASE + b * stride_b + rows[:, None] * stride_t + head * stride_h + offs_d[None, :]
+
+
+@triton.jit
+def tile_ptrs_t(BASE, b, rows, head, stride_b, stride_t, stride_h, offs_d):
+    """The same tile transposed: (HEAD_DIM, len(rows)) pointers."""
+    return BASE + b * stride_b + rows[None, :] * stride_t + head * stride_h + offs_d[:, None]
+
+
 @triton.jit
 def attention_fwd_kernel(
     Q, K, V, OUT, LSE, DOC_START,  # q/out (B, T, H, D), k/v (B, T, Hkv, D), lse (B, H, T), doc_start (B, T)
@@ -74,7 +90,7 @@ def attention_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None])
+    q = tl.load(tile_ptrs(Q, b, offs_m, h, stride_qb, stride_qt, stride_qh, offs_d), mask=row_ok[:, None])
 
     # 1. Which key blocks can this query block see? Causal: up to its last row. Packed: from the
     #    document start of its first row (doc_start never decreases along a row).
@@ -89,9 +105,9 @@ def attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = tl.load(K + b * stride_kb + offs_n[None, :] * stride_kt + kv_h * stride_kh + offs_d[:, None],
+        k_t = tl.load(tile_ptrs_t(K, b, offs_n, kv_h, stride_kb, stride_kt, stride_kh, offs_d),
                       mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N)  # fmt: skip
-        v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vt + kv_h * stride_vh + offs_d[None, :],
+        v = tl.load(tile_ptrs(V, b, offs_n, kv_h, stride_vb, stride_vt, stride_vh, offs_d),
                     mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)  # fmt: skip
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if (start_n + BLOCK_N > start_m) | (start_n < last_doc_start):  # on the diagonal or a document edge
@@ -107,7 +123,7 @@ def attention_fwd_kernel(
 
     # 3. Normalise, and keep log-sum-exp (base 2) for the backward.
     acc = acc / l_i[:, None]
-    tl.store(OUT + b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+    tl.store(tile_ptrs(OUT, b, offs_m, h, stride_ob, stride_ot, stride_oh, offs_d),
              acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
@@ -124,9 +140,9 @@ def attention_bwd_preprocess_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    o = tl.load(OUT + b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+    o = tl.load(tile_ptrs(OUT, b, offs_m, h, stride_ob, stride_ot, stride_oh, offs_d),
                 mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
-    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+    do = tl.load(tile_ptrs(DO, b, offs_m, h, stride_dob, stride_dot, stride_doh, offs_d),
                  mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
 
@@ -147,10 +163,8 @@ def attention_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < T
-    k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kt + kv_h * stride_kh + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
-    v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vt + kv_h * stride_vh + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
+    k = tl.load(tile_ptrs(K, b, offs_n, kv_h, stride_kb, stride_kt, stride_kh, offs_d), mask=key_ok[:, None], other=0.0)
+    v = tl.load(tile_ptrs(V, b, offs_n, kv_h, stride_vb, stride_vt, stride_vh, offs_d), mask=key_ok[:, None], other=0.0)
 
     # 1. Which query blocks see these keys? Causal: from the first key on. Packed: up to the end of
     #    the last key's document.
@@ -165,9 +179,9 @@ def attention_bwd_dkdv_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < T
-            q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            q = tl.load(tile_ptrs(Q, b, offs_m, h, stride_qb, stride_qt, stride_qh, offs_d),
                         mask=row_ok[:, None], other=0.0)  # fmt: skip
-            do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+            do = tl.load(tile_ptrs(DO, b, offs_m, h, stride_dob, stride_dot, stride_doh, offs_d),
                          mask=row_ok[:, None], other=0.0)  # fmt: skip
             lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=row_ok, other=0.0)
@@ -180,8 +194,8 @@ def attention_bwd_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])  # dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)  # dK = dSᵀ Q (τ applied below)
 
-    out_k = DK + b * stride_kb + offs_n[:, None] * stride_kt + kv_h * stride_kh + offs_d[None, :]
-    out_v = DV + b * stride_vb + offs_n[:, None] * stride_vt + kv_h * stride_vh + offs_d[None, :]
+    out_k = tile_ptrs(DK, b, offs_n, kv_h, stride_kb, stride_kt, stride_kh, offs_d)
+    out_v = tile_ptrs(DV, b, offs_n, kv_h, stride_vb, stride_vt, stride_vh, offs_d)
     tl.store(out_k, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(out_v, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
@@ -202,9 +216,8 @@ def attention_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)  # fmt: skip
-    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+    q = tl.load(tile_ptrs(Q, b, offs_m, h, stride_qb, stride_qt, stride_qh, offs_d), mask=row_ok[:, None], other=0.0)
+    do = tl.load(tile_ptrs(DO, b, offs_m, h, stride_dob, stride_dot, stride_doh, offs_d),
                  mask=row_ok[:, None], other=0.0)  # fmt: skip
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
@@ -217,9 +230,9 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kt + kv_h * stride_kh + offs_d[None, :],
+        k = tl.load(tile_ptrs(K, b, offs_n, kv_h, stride_kb, stride_kt, stride_kh, offs_d),
                     mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)  # fmt: skip
-        v_t = tl.load(V + b * stride_vb + offs_n[None, :] * stride_vt + kv_h * stride_vh + offs_d[:, None],
+        v_t = tl.load(tile_ptrs_t(V, b, offs_n, kv_h, stride_vb, stride_vt, stride_vh, offs_d),
                       mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
@@ -229,7 +242,7 @@ def attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − Δ)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # dQ = dS K (τ applied below)
 
-    tl.store(DQ + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+    tl.store(tile_ptrs(DQ, b, offs_m, h, stride_qb, stride_qt, stride_qh, offs_d),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
 
 
@@ -248,105 +261,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"{H} query heads cannot share {Hkv} key/value heads evenly")
     if D not in (16, 32, 64, 128):
         raise ValueError(f"head dim {D} is not supported; use 16, 32, 64 or 128")
-
-
-# Tile sizes per kernel on a GPU. Compiled for H100 (sm_90a) and A100 (sm_80) with the 16-byte
-# alignment hints a real launch gets, in bf16, none spills registers (scripts/kernel_report.py
-# checks every one); on H100 each uses wgmma (HGMMA in the SASS). Not yet timed on a GPU.
-GPU_TILES = {
-    "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-}
-# The interpreter gets 16-wide tiles, so that small test shapes span many blocks.
-INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-
-
-def _tiles(device: torch.device, kernel: str, head_dim: int) -> dict:
-    if device.type != "cuda":
-        return INTERPRETER_TILE
-    if kernel == "dkdv" and head_dim <= 64:  # on A100 the 64 × 64 tile spills at D = 64; this one does not
-        return GPU_TILES[kernel] | {"BLOCK_M": 32, "BLOCK_N": 128}
-    return GPU_TILES[kernel]
-
-
-HEAD_DIMS = (16, 32, 64, 128)
-
-
-def launch_configs() -> list[LaunchConfig]:
-    """Every config the wrapper can launch on a GPU: kernel × dtype × head dim.
-
-    Pointers from torch are 16-byte aligned, and every stride is a multiple of the head dim (≥ 16);
-    T, H and GROUP carry no such promise. Training launches bf16 at head dim 64 or 128: those are
-    compiled in CI.
-    """
-    configs = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        for head_dim in HEAD_DIMS:
-            in_ci = dtype == "bf16" and head_dim >= 64
-            constexprs = {"HEAD_DIM": head_dim, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-            for name, kernel in (("fwd", attention_fwd_kernel), ("dkdv", attention_bwd_dkdv_kernel),
-                                 ("dq", attention_bwd_dq_kernel)):  # fmt: skip
-                tiles = _tiles(torch.device("cuda"), name, head_dim)
-                blocks = {"BLOCK_M": tiles["BLOCK_M"], "BLOCK_N": tiles["BLOCK_N"]}
-                configs.append(LaunchConfig(
-                    kernel, f"{name} {dtype} D={head_dim}", dtype, _argument_types(kernel, dtype),
-                    constexprs | blocks, tiles["num_warps"], tiles["num_stages"], in_ci,
-                ))  # fmt: skip
-            block_m = _tiles(torch.device("cuda"), "dq", head_dim)["BLOCK_M"]
-            configs.append(LaunchConfig(
-                attention_bwd_preprocess_kernel, f"delta {dtype} D={head_dim}", dtype,
-                _argument_types(attention_bwd_preprocess_kernel, dtype),
-                {"HEAD_DIM": head_dim, "BLOCK_M": block_m}, 4, 3, dtype == "bf16" and head_dim == 128,
-            ))  # fmt: skip
-    return configs
-
-
-def _argument_types(kernel, dtype: str) -> dict[str, str]:
-    """Triton types of a kernel's run-time arguments, with the divisibility the JIT would see."""
-    types = {}
-    for name in kernel.arg_names:
-        if name in ("LSE", "DELTA"):
-            types[name] = "*fp32:16"
-        elif name.startswith("DOC_"):
-            types[name] = "*i32:16"
-        elif (
-            name.isupper() and name not in ("T", "H", "GROUP") and not name.startswith(("HEAD", "BLOCK", "HAS", "PREC"))
-        ):
-            types[name] = f"*{dtype}:16"  # Q, K, V, OUT, DO, DQ, DK, DV
-        elif name.startswith("stride"):
-            types[name] = "i32:16"
-        elif name in ("qk_scale", "sm_scale"):
-            types[name] = "fp32"
-        elif name in ("T", "H", "GROUP"):
-            types[name] = "i32"
-    return types
-
-
-def attention_cost(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str) -> list[Cost]:
-    """Causal attention over one sequence per row, forward and backward.
-
-    FLOPs: 2·D per (query, key) pair per matmul; T(T+1)/2 causal pairs per head; the forward does 2
-    matmuls, dK/dV 4 (recomputing S), dQ 3 (recomputing S). Bytes: each tensor crosses DRAM once
-    — the K/V (or Q/dO) blocks re-read by every query (or key) block of a head are ~2 MB per head
-    at T = 4096 and are assumed to come from the 50 MB L2.
-    """
-    b = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
-    pairs = batch * heads * seq_len * (seq_len + 1) // 2
-    q = batch * seq_len * heads * head_dim * b  # bytes of Q, and of O, dO, dQ
-    kv = batch * seq_len * kv_heads * head_dim * b  # bytes of K, and of V, dK, dV
-    row_stats = batch * heads * seq_len * 4  # the fp32 log-sum-exp or Δ
-    shape = f"B={batch} T={seq_len} H={heads}/{kv_heads} D={head_dim}, causal, {dtype}"
-    return [
-        Cost("attention_fwd_kernel", shape, 2 * q + 2 * kv + row_stats, tensor_flops=2 * 2 * head_dim * pairs),
-        Cost("attention_bwd_dkdv_kernel", shape, 2 * q + 4 * kv + 2 * row_stats, tensor_flops=4 * 2 * head_dim * pairs),
-        Cost("attention_bwd_dq_kernel", shape, 3 * q + 2 * kv + 2 * row_stats, tensor_flops=3 * 2 * head_dim * pairs),
-    ]
-
-
-def reference_costs() -> list[Cost]:
-    """Llama-3.2-1B's attention (32 query heads, 8 K/V heads of 128) over 8 rows of 4096 tokens."""
-    return attention_cost(8, 4096, 32, 8, 128, "bf16")
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -423,3 +337,106 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | 
         visible = document_mask(document_ids)
     out = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ vf
     return out.transpose(1, 2).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch metadata: the tiles the wrapper launches on a GPU, every configuration it can pick, and what
+# a launch should cost — for scripts/kernel_report.py (see launch.py), declared from the same constants.
+
+
+# Tile sizes per kernel on a GPU. Compiled for H100 (sm_90a) and A100 (sm_80) with the 16-byte
+# alignment hints a real launch gets, in bf16, none spills registers (scripts/kernel_report.py
+# checks every one); on H100 each uses wgmma (HGMMA in the SASS). Not yet timed on a GPU.
+GPU_TILES = {
+    "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+}
+# The interpreter gets 16-wide tiles, so that small test shapes span many blocks.
+INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+
+
+def _tiles(device: torch.device, kernel: str, head_dim: int) -> dict:
+    if device.type != "cuda":
+        return INTERPRETER_TILE
+    if kernel == "dkdv" and head_dim <= 64:  # on A100 the 64 × 64 tile spills at D = 64; this one does not
+        return GPU_TILES[kernel] | {"BLOCK_M": 32, "BLOCK_N": 128}
+    return GPU_TILES[kernel]
+
+
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """Every config the wrapper can launch on a GPU: kernel × dtype × head dim.
+
+    Pointers from torch are 16-byte aligned, and every stride is a multiple of the head dim (≥ 16);
+    T, H and GROUP carry no such promise. Training launches bf16 at head dim 64 or 128: those are
+    compiled in CI.
+    """
+    configs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for head_dim in HEAD_DIMS:
+            in_ci = dtype == "bf16" and head_dim >= 64
+            constexprs = {"HEAD_DIM": head_dim, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+            for name, kernel in (("fwd", attention_fwd_kernel), ("dkdv", attention_bwd_dkdv_kernel),
+                                 ("dq", attention_bwd_dq_kernel)):  # fmt: skip
+                tiles = _tiles(torch.device("cuda"), name, head_dim)
+                blocks = {"BLOCK_M": tiles["BLOCK_M"], "BLOCK_N": tiles["BLOCK_N"]}
+                configs.append(LaunchConfig(
+                    kernel, f"{name} {dtype} D={head_dim}", dtype, _argument_types(kernel, dtype),
+                    constexprs | blocks, tiles["num_warps"], tiles["num_stages"], in_ci,
+                ))  # fmt: skip
+            block_m = _tiles(torch.device("cuda"), "dq", head_dim)["BLOCK_M"]
+            configs.append(LaunchConfig(
+                attention_bwd_preprocess_kernel, f"delta {dtype} D={head_dim}", dtype,
+                _argument_types(attention_bwd_preprocess_kernel, dtype),
+                {"HEAD_DIM": head_dim, "BLOCK_M": block_m}, 4, 3, dtype == "bf16" and head_dim == 128,
+            ))  # fmt: skip
+    return configs
+
+
+# Every run-time argument of the four kernels -> its Triton type, as the JIT sees it at a real launch
+# ("{dtype}": the data dtype). ":16" = divisible by 16: pointers from torch are 16-byte aligned and
+# every stride is a multiple of the head dim (≥ 16); T, H and GROUP carry no such promise.
+ARGUMENT_TYPES = {
+    **dict.fromkeys("Q K V OUT DO DQ DK DV".split(), "*{dtype}:16"),
+    **dict.fromkeys("LSE DELTA".split(), "*fp32:16"),
+    **dict.fromkeys("DOC_START DOC_END".split(), "*i32:16"),
+    **dict.fromkeys("stride_qb stride_qt stride_qh stride_kb stride_kt stride_kh".split(), "i32:16"),
+    **dict.fromkeys("stride_vb stride_vt stride_vh stride_ob stride_ot stride_oh".split(), "i32:16"),
+    **dict.fromkeys("stride_dob stride_dot stride_doh".split(), "i32:16"),
+    **dict.fromkeys("T H GROUP".split(), "i32"),
+    **dict.fromkeys("qk_scale sm_scale".split(), "fp32"),
+}
+
+
+def _argument_types(kernel, dtype: str) -> dict[str, str]:
+    """ARGUMENT_TYPES of the kernel's run-time arguments (its tl.constexpr ones are launch_configs')."""
+    return {name: ARGUMENT_TYPES[name].format(dtype=dtype) for name in kernel.arg_names if name in ARGUMENT_TYPES}
+
+
+def attention_cost(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str) -> list[Cost]:
+    """Causal attention over one sequence per row, forward and backward.
+
+    FLOPs: 2·D per (query, key) pair per matmul; T(T+1)/2 causal pairs per head; the forward does 2
+    matmuls, dK/dV 4 (recomputing S), dQ 3 (recomputing S). Bytes: each tensor crosses DRAM once
+    — the K/V (or Q/dO) blocks re-read by every query (or key) block of a head are ~2 MB per head
+    at T = 4096 and are assumed to come from the 50 MB L2.
+    """
+    b = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    pairs = batch * heads * seq_len * (seq_len + 1) // 2
+    q = batch * seq_len * heads * head_dim * b  # bytes of Q, and of O, dO, dQ
+    kv = batch * seq_len * kv_heads * head_dim * b  # bytes of K, and of V, dK, dV
+    row_stats = batch * heads * seq_len * 4  # the fp32 log-sum-exp or Δ
+    shape = f"B={batch} T={seq_len} H={heads}/{kv_heads} D={head_dim}, causal, {dtype}"
+    return [
+        Cost("attention_fwd_kernel", shape, 2 * q + 2 * kv + row_stats, tensor_flops=2 * 2 * head_dim * pairs),
+        Cost("attention_bwd_dkdv_kernel", shape, 2 * q + 4 * kv + 2 * row_stats, tensor_flops=4 * 2 * head_dim * pairs),
+        Cost("attention_bwd_dq_kernel", shape, 3 * q + 2 * kv + 2 * row_stats, tensor_flops=3 * 2 * head_dim * pairs),
+    ]
+
+
+def reference_costs() -> list[Cost]:
+    """Llama-3.2-1B's attention (32 query heads, 8 K/V heads of 128) over 8 rows of 4096 tokens."""
+    return attention_cost(8, 4096, 32, 8, 128, "bf16")
