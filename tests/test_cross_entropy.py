@@ -264,14 +264,16 @@ def test_linear_cross_entropy_all_ignored_and_bf16():
 
 @pytest.mark.usefixtures("one_thread")
 def test_training_step_with_triton_backend_equals_torch_backend():
-    from minisft.model import ModelConfig, Transformer
+    from minisft.distributed import Replica
+    from minisft.model import Backends, ModelConfig, Transformer
+    from minisft.packing import Batch
     from minisft.train import optimizer_step
 
     config = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
     models = {}
     for kernels in ("torch", "triton"):
         torch.manual_seed(0)
-        models[kernels] = Transformer(config, kernels=kernels).to(DEVICE)
+        models[kernels] = Transformer(config, Backends(kernels, kernels)).to(DEVICE)
     input_ids = torch.randint(0, 97, (3, 11), device=DEVICE)
     labels = torch.randint(0, 97, (3, 11), device=DEVICE)
     labels[0, :5] = -100
@@ -281,8 +283,8 @@ def test_training_step_with_triton_backend_equals_torch_backend():
     for kernels, model in models.items():
         # SGD, not AdamW: Adam's g / sqrt(v) turns a 1e-9 difference in a ~0 gradient into a full step.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        batches = [(input_ids[:2], labels[:2]), (input_ids[2:], labels[2:])]  # accumulation, as in training
-        losses[kernels], norms[kernels] = optimizer_step(model, optimizer, batches, num_trained, grad_clip=1.0)
+        batches = [Batch(input_ids[:2], labels[:2]), Batch(input_ids[2:], labels[2:])]  # accumulation, as in training
+        losses[kernels], norms[kernels] = optimizer_step(Replica(model), optimizer, batches, num_trained, grad_clip=1.0)
     torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(norms["triton"], norms["torch"], atol=1e-6, rtol=1e-6)
     for (name, p_torch), p_triton in zip(
