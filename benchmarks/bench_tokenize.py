@@ -17,10 +17,7 @@ Unlike the other benchmarks this one is about the CPU: tokenization never touche
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,28 +28,13 @@ import tokenizers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import benchmarks.common as common  # noqa: E402
-from benchmarks.common import RESULTS, markdown_table, save_results  # noqa: E402
+from benchmarks.common import RESULTS, cpu_facts, markdown_table, save_results  # noqa: E402
 from minisft.chat import make_chat_format  # noqa: E402
 from minisft.dataset import load_examples  # noqa: E402
 from minisft.tokenizer import Tokenizer  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAX_SEQ_LEN = 2048
-
-
-def cpu_facts() -> dict:
-    cpuinfo = Path("/proc/cpuinfo")
-    model = platform.processor() or platform.machine()
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        model = names[0] if names else model
-    return {
-        "device": model,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": platform.python_version(),
-        "tokenizers": tokenizers.__version__,
-    }
 
 
 def main() -> None:
@@ -89,7 +71,8 @@ def main() -> None:
             )
             print(rows[-1])
         megabytes = data.stat().st_size / 1e6
-    facts = cpu_facts() | {"file_mb": round(megabytes, 1), "chat_format": "qwen3", "max_seq_len": MAX_SEQ_LEN}
+    facts = cpu_facts() | {"tokenizers": tokenizers.__version__, "file_mb": round(megabytes, 1)}
+    facts |= {"chat_format": "qwen3", "max_seq_len": MAX_SEQ_LEN}
     common.RESULTS = Path(args.results)  # save_results writes there
     save_results("tokenize", facts, rows, markdown_table(rows))
 

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from minisft.model import ModelConfig, Transformer  # noqa: E402
+from minisft.model import Backends, ModelConfig, Transformer  # noqa: E402
 from minisft.train import TrainConfig, autocast, make_optimizer  # noqa: E402
 
 SHAPES = {  # Llama-3 proportions, vocabulary 128256
@@ -62,7 +62,7 @@ def step_flops(config: ModelConfig, lengths_per_row: list[list[int]]) -> int:
 
 
 def minisft_step(config: ModelConfig, kernels: str, compile_model: bool, device: str):
-    model = Transformer(config, kernels=kernels).to(device)
+    model = Transformer(config, Backends(kernels, kernels)).to(device)
     optimizer = make_optimizer(model, TrainConfig())
     forward = torch.compile(model.loss) if compile_model else model.loss
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import sys
 from collections.abc import Callable
@@ -16,9 +17,6 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-# Dense bf16 tensor-core peak without sparsity, TFLOP/s: the yardstick for matmul-bound work.
-BF16_PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0, "A100": 312.0}
 
 
 def require_cuda(name: str) -> None:
@@ -31,17 +29,33 @@ def require_cuda(name: str) -> None:
 def device_facts() -> dict:
     import triton
 
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    from minisft.flops import peak_flops  # the datasheet's dense bf16 peak, the one training's MFU uses
+
+    peak = peak_flops(torch.device("cuda"))
     return {
-        "device": name,
+        "device": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "bf16_peak_tflops": peak,
+        "bf16_peak_tflops": peak and peak / 1e12,
         "copy_gb_per_s": measure_copy_bandwidth(),
+    }
+
+
+def cpu_facts() -> dict:
+    cpuinfo = Path("/proc/cpuinfo")
+    model = platform.processor() or platform.machine()
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        model = names[0] if names else model
+    return {
+        "device": model,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
     }
 
 

@@ -1,13 +1,18 @@
-"""Command line: `python -m minisft demo`, `python -m minisft train --config FILE.toml [--key value ...]`,
-`python -m minisft data check FILE [--tokenizer PATH ...]`, `python -m minisft chat MODEL [--prompt TEXT]`
-and `python -m minisft export MODEL OUT` (a Hugging Face folder, or OUT.gguf). `train --init PATH` fine-tunes a
-pretrained model (a Hugging Face or minisft folder, or a GGUF file) instead of a random one; `train --resume RUN_DIR`
-continues an interrupted run from its newest checkpoint, with the run's own config.toml. Under
-`torchrun --nproc_per_node N -m minisft train ...` the run is data-parallel over N processes.
+"""minisft: supervised fine-tuning of language models, small enough to read.
 
-A user's mistake (config, data, paths) ends with one line on stderr naming what to fix and exit
-code 2 — never a traceback. A run stopped by its NaN guard (train.max_bad_steps non-finite steps
-in a row) ends the same way with exit code 3.
+  python -m minisft demo                                 pre-train, then SFT, a tiny model on the CPU
+  python -m minisft train --config FILE.toml [--section.key VALUE ...]   fine-tune (train --help: every key)
+  python -m minisft train --init MODEL_DIR ...           fine-tune a pretrained model (HF, GGUF or minisft)
+  python -m minisft train --resume RUN_DIR               continue a run from its newest checkpoint
+  python -m minisft data check FILE [--tokenizer PATH]   the data's quality report
+  python -m minisft chat MODEL [--prompt TEXT]           talk to a model in its own chat format
+  python -m minisft export MODEL OUT                     write a Hugging Face folder, or OUT.gguf
+
+Flags are spelled with underscores, as config keys are (--chat_format, --max_seq_len); a hyphen in a
+flag's name is read as an underscore. Under `torchrun --nproc_per_node N -m minisft train ...` the run
+is data-parallel over N processes. A user's mistake (config, data, paths) ends with one line on
+stderr naming what to fix and exit code 2 — never a traceback; a run stopped by its NaN guard
+(train.max_bad_steps non-finite steps in a row) ends the same way with exit code 3.
 """
 
 from __future__ import annotations
@@ -17,58 +22,18 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from minisft import distributed
-from minisft.chat import CHAT_FORMATS, TRAIN_ON, ChatFormat, Example, make_chat_format, render_text
+from minisft import recipe
+from minisft.chat import CHAT_FORMATS, TRAIN_ON
 from minisft.chat_cli import add_arguments as add_chat_arguments
 from minisft.chat_cli import chat_command
-from minisft.checkpoint import save_model, write_model_meta
-from minisft.config import ConfigError, DataConfig, RunConfig, load_config, to_toml
+from minisft.config import RunConfig, config_help, load_config, underscore_flags
 from minisft.data import FORMATS, DataError
 from minisft.datacheck import check_file, format_report
-from minisft.dataset import load_examples
+from minisft.errors import ConfigError, DivergedError, TrainingError
 from minisft.gguf import GGUF_TYPES, export_gguf
 from minisft.hf import CheckpointError, export_hf
-from minisft.model import ATTENTION_BACKENDS, Transformer, padded_vocab_size
-from minisft.pretrained import SavedModel, start_from
+from minisft.pretrained import SavedModel
 from minisft.tokenizer import Tokenizer
-from minisft.train import DivergedError, TrainingError, train_loop
-
-
-def pick_kernels(name: str, device: torch.device) -> str:
-    """'auto' means Triton on CUDA when its kernels are installed, PyTorch otherwise."""
-    if name != "auto":
-        return name
-    return "triton" if device.type == "cuda" and "triton" in ATTENTION_BACKENDS else "torch"
-
-
-def chat_format(name: str, tokenizer: Tokenizer, train_on: str) -> ChatFormat:
-    try:
-        return make_chat_format(name, tokenizer, train_on)
-    except KeyError as err:  # the format's special tokens are not in this tokenizer
-        raise ConfigError(f"chat format {name!r} does not fit this tokenizer: {err.args[0]}") from None
-
-
-def load_data(path: str, chat: ChatFormat, data: DataConfig, max_seq_len: int) -> list[Example]:
-    """Read, render and length-check a file as the config says; print what happened to it."""
-    examples, report = load_examples(path, chat, max_seq_len, data.format, data.on_error, data.too_long, data.cache_dir)
-    print(report.summary())
-    if not examples:  # every record bad, too long, or cut off before its answer: nothing to train on
-        raise DataError(f"no example with a trained token left in {report.summary()}")
-    return examples
-
-
-def load_plain_text(path: str, tokenizer: Tokenizer, max_len: int) -> list[Example]:
-    """One document per non-empty line, every token trained (data.plain_text_eval: the forgetting
-    curve); a longer document is cut to max_len tokens."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    if not lines:
-        raise DataError(f"{path}: no text (data.plain_text_eval wants one document per line)")
-    examples = [render_text(tokenizer, line) for line in lines]
-    cut = sum(len(e.input_ids) > max_len for e in examples)
-    print(f"{path}: {len(examples)} plain-text documents" + (f", {cut} cut to {max_len} tokens" if cut else ""))
-    return [Example(e.input_ids[:max_len], e.labels[:max_len]) for e in examples]
 
 
 def resume_config(run_dir: str, config_file: str | None, overrides: list[str]) -> RunConfig:
@@ -81,66 +46,11 @@ def resume_config(run_dir: str, config_file: str | None, overrides: list[str]) -
     return replace(load_config(Path(run_dir) / "config.toml"), out_dir=run_dir)
 
 
-def train_command(config: RunConfig, resume: bool = False) -> None:
-    ranks = distributed.setup()
-    try:
-        train_run(config, ranks, resume)
-        # Wait for rank 0's final save before any rank leaves: a rank tearing down its process
-        # group while another still works can abort the others. (Not on errors: it could hang.)
-        distributed.barrier()
-    finally:
-        distributed.teardown()
-
-
-def train_run(config: RunConfig, ranks: distributed.Ranks, resume: bool) -> None:
-    if not config.data.train_file or not (config.data.tokenizer or config.init):
-        raise ConfigError(
-            "data.train_file and data.tokenizer (or init) must be set (in the TOML file or as --data.train_file ...)"
-        )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kernels = pick_kernels(config.kernels, device)
-    if config.init:  # the model, its shape and its tokenizer come from the folder
-        model, tokenizer, chat, config = start_from(config, kernels)
-    else:
-        tokenizer = Tokenizer.from_file(config.data.tokenizer)
-        chat = chat_format(config.data.chat_format, tokenizer, config.data.train_on)
-        if config.model.vocab_size < tokenizer.vocab_size:
-            rounded = padded_vocab_size(tokenizer.vocab_size)
-            print(f"model.vocab_size {config.model.vocab_size} < tokenizer's {tokenizer.vocab_size}: using {rounded}")
-            config = replace(config, model=replace(config.model, vocab_size=rounded))
-        torch.manual_seed(config.train.seed)
-        model = Transformer(config.model, kernels=kernels)
-    model = model.to(device)
-    max_len = min(config.data.max_seq_len, config.model.max_seq_len)
-    train_set = load_data(config.data.train_file, chat, config.data, max_len)
-    eval_sets = {}  # the first one (held-out chats) picks checkpoints/best and drives early stopping
-    if config.data.eval_file:
-        eval_sets["heldout"] = load_data(config.data.eval_file, chat, config.data, max_len)
-    if config.data.plain_text_eval:
-        eval_sets["plain_text"] = load_plain_text(config.data.plain_text_eval, tokenizer, max_len)
-
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if ranks.is_main and not resume:
-        (out / "config.toml").write_text(to_toml(config))
-    print(f"model: {config.model.num_params() / 1e6:.2f}M parameters on {device}, kernels={model.kernels}")
-
-    def write_extra(folder: Path) -> None:  # makes every checkpoint a model folder `chat` and `export` take
-        write_model_meta(folder, model.config, tokenizer, chat.name)
-        (folder / "config.toml").write_text(to_toml(config))
-
-    pack_to = max_len if config.data.packing else 0
-    train_loop(model, train_set, eval_sets, config.train, tokenizer.pad_id, out, "train", pack_to, resume, write_extra)
-    if ranks.is_main:
-        final = save_model(out / "checkpoints" / "final", model, tokenizer, chat.name)
-        print(f"saved {final}")
-
-
 def data_check_command(args: argparse.Namespace) -> int:
     """Print the quality report; exit 2 when the file holds bad records (or, with --strict, warnings)."""
     chat = None
     if args.tokenizer:
-        chat = chat_format(args.chat_format, Tokenizer.from_file(args.tokenizer), args.train_on)
+        chat = recipe.chat_format(args.chat_format, Tokenizer.from_file(args.tokenizer), args.train_on)
     report = check_file(args.file, chat, args.max_seq_len, args.format)
     print(format_report(report, chat))
     if args.strict and report.num_warnings:
@@ -156,7 +66,7 @@ def export_command(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{saved.why_no_chat_format()}: the export needs the format it was trained with")
     to_gguf = args.out.endswith(".gguf")
     if not to_gguf and (args.gguf_type or args.overwrite):
-        raise ConfigError("--gguf-type and --overwrite are for a .gguf output")
+        raise ConfigError("--gguf_type and --overwrite are for a .gguf output")
     if to_gguf and Path(args.out).exists() and not args.overwrite:
         raise CheckpointError(f"{args.out} exists: pass --overwrite to replace it")
     model, tokenizer = saved.load()
@@ -169,30 +79,37 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minisft", description=__doc__.splitlines()[0])
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="python -m minisft", description=__doc__, formatter_class=raw)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain (CPU, ~2 min)")
+    demo = commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain, on the CPU")
     demo.add_argument("--model", help="the real-model demo instead: 'smollm2' (SmolLM2-135M-Instruct) or a model path")
     demo.add_argument("--threads", type=int, default=0, help="torch threads for --model (default: every core)")
-    train = commands.add_parser("train", help="supervised fine-tuning from a TOML config")
-    train.add_argument("--config", help="TOML file; any key can also be given as --section.key value")
+    train = commands.add_parser(
+        "train",
+        help="supervised fine-tuning from a TOML config and --section.key VALUE flags",
+        description="Supervised fine-tuning: a TOML config (--config), overridden by any key below as a flag.",
+        epilog=config_help(),
+        formatter_class=raw,
+    )
+    train.add_argument("--config", help="TOML file; any key below can also be given as --section.key VALUE")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
     data = commands.add_parser("data", help="inspect a data file").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="quality report: layouts, bad records, duplicates, lengths")
     check.add_argument("file", help="JSONL or JSON file of records")
     check.add_argument("--tokenizer", help="tokenizer.json or its folder: lengths in tokens (else characters)")
-    check.add_argument("--chat-format", default="chatml", choices=sorted(CHAT_FORMATS))
-    check.add_argument("--train-on", default="assistant", choices=TRAIN_ON)
+    check.add_argument("--chat_format", default="chatml", choices=sorted(CHAT_FORMATS), help="as data.chat_format")
+    check.add_argument("--train_on", default="assistant", choices=TRAIN_ON, help="as data.train_on")
     check.add_argument("--format", default="auto", choices=FORMATS, help="record layout (default: per record)")
-    check.add_argument("--max-seq-len", type=int, default=0, help="count records longer than this many tokens")
+    check.add_argument("--max_seq_len", type=int, default=0, help="count records longer than this many tokens")
     check.add_argument("--strict", action="store_true", help="exit 2 on any warning too, not only on bad records")
     add_chat_arguments(commands.add_parser("chat", help="talk to a model in the terminal (or answer --prompt)"))
     export = commands.add_parser("export", help="write a model as a Hugging Face folder or a GGUF file")
     export.add_argument("model", help="a run folder, a minisft checkpoint, a Hugging Face folder or a .gguf file")
     export.add_argument("out", help="the folder to write (transformers loads it), or a .gguf file (llama.cpp)")
-    export.add_argument("--gguf-type", choices=GGUF_TYPES, help="weights in a .gguf file (default f16; norms f32)")
+    export.add_argument("--gguf_type", choices=GGUF_TYPES, help="weights in a .gguf file (default f16; norms f32)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing .gguf file")
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(underscore_flags(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "data":
             if rest:
@@ -215,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_demo()
         else:
             config = resume_config(args.resume, args.config, rest) if args.resume else load_config(args.config, rest)
-            train_command(config, resume=bool(args.resume))
+            recipe.train(config=config, resume=bool(args.resume))
     except DivergedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

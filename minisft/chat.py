@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from minisft.loss import IGNORE_INDEX
+from minisft.labels import IGNORE_INDEX
 from minisft.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")

@@ -4,7 +4,7 @@ Prompts are rendered with the chat format saved with the model (a minisft checkp
 minisft.json, an exported folder's tokenizer_config.json, an exported GGUF's metadata), so the
 model sees at inference exactly the layout it was trained on (pitfall 7). A model minisft did not
 train gets the format its chat template writes (ChatML, Qwen3 or Llama 3); without a template, or
-with one of another kind, `--chat-format` must name one — decided before the weights load.
+with one of another kind, `--chat_format` must name one — decided before the weights load.
 Each answer stops at the format's end-of-turn token or at eos.
 """
 
@@ -16,7 +16,7 @@ import sys
 import torch
 
 from minisft.chat import CHAT_FORMATS, make_chat_format
-from minisft.config import ConfigError
+from minisft.errors import ConfigError
 from minisft.generate import generate
 from minisft.pretrained import SavedModel
 from minisft.tokenizer import UnknownTokenError
@@ -26,10 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a run folder, a minisft checkpoint, a Hugging Face model folder or a .gguf file")
     parser.add_argument("--prompt", help="answer this one message and exit (no interactive session)")
     parser.add_argument("--system", help="a system message to start the conversation with")
-    parser.add_argument("--chat-format", choices=sorted(CHAT_FORMATS), help="override the model's saved format")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--chat_format", choices=sorted(CHAT_FORMATS), help="override the model's saved format")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this mass")
+    parser.add_argument("--top_p", type=float, default=1.0, help="sample from the smallest set with this mass")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -38,7 +38,7 @@ def chat_command(args: argparse.Namespace) -> int:
     saved = SavedModel(args.model)
     name = args.chat_format or saved.chat_format
     if name is None:
-        raise ConfigError(f"{saved.why_no_chat_format()}: pick one with --chat-format")
+        raise ConfigError(f"{saved.why_no_chat_format()}: pick one with --chat_format")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 halves the memory of a big model
     model, tokenizer = saved.load(dtype=dtype)
     try:

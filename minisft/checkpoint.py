@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from minisft.model import ModelConfig, Transformer
+from minisft.model import Backends, ModelConfig, Transformer
 from minisft.tokenizer import Tokenizer
 
 
@@ -87,14 +87,14 @@ def save_model(folder: str | Path, model: Transformer, tokenizer: Tokenizer, cha
     return write_folder(folder, write)
 
 
-def load_model(folder: str | Path, kernels: str = "torch") -> tuple[Transformer, Tokenizer, str]:
+def load_model(folder: str | Path, backends: Backends | None = None) -> tuple[Transformer, Tokenizer, str]:
     """-> (model on CPU, tokenizer, chat format name)."""
     folder = Path(folder)
     meta_file = folder / "minisft.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{folder} is not a minisft model folder (no minisft.json)")
     meta = json.loads(meta_file.read_text())
-    model = Transformer(ModelConfig(**meta["model"]), kernels=kernels)
+    model = Transformer(ModelConfig(**meta["model"]), backends)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model, Tokenizer.from_file(folder), meta["chat_format"]
 

@@ -9,13 +9,21 @@
 On the command line a key is `--section.key value` (`--train.lr 3e-4`), or just `--key value`
 when the name is unique (`--lr 3e-4`). Every mistake — an unknown key, a value of the wrong type,
 a value the dataclass refuses — raises `ConfigError` with a one-line message naming the key.
+
+The comment beside each field is its documentation, and the only one: `config_help` reads the
+comments from this source (and model.py's, train.py's) for `train --help`.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -25,12 +33,10 @@ from typing import Any
 from minisft.chat import CHAT_FORMATS, TRAIN_ON
 from minisft.data import FORMATS, ON_ERROR
 from minisft.dataset import TOO_LONG
+from minisft.errors import ConfigError
+from minisft.loss import LOSS_BACKENDS
 from minisft.model import ATTENTION_BACKENDS, ModelConfig
 from minisft.train import TrainConfig
-
-
-class ConfigError(ValueError):
-    """A user's configuration mistake; the message is meant to be printed as is."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class DataConfig:
     train_file: str = ""  # JSONL or a JSON array of records (layouts: see minisft/data.py)
     eval_file: str = ""  # same layouts; held-out loss is reported on it ("" = none)
     tokenizer: str = ""  # a tokenizer.json, or a folder with tokenizer.json + tokenizer_config.json
-    format: str = "auto"  # record layout: auto (per record, from its keys) or one of data.FORMATS
+    format: str = "auto"  # record layout: auto (per record), messages, sharegpt, prompt_completion or alpaca
     chat_format: str = "chatml"  # how turns become tokens: chatml, qwen3, llama3, llama3.1, instruction
     train_on: str = "assistant"  # trained turns: assistant (every answer), last (final answer), all
     on_error: str = "fail"  # a bad record: fail (stop, naming file:line) or skip (counted, reported)
@@ -66,18 +72,26 @@ class DataConfig:
 @dataclass(frozen=True)
 class RunConfig:
     out_dir: str = "runs/sft"  # metrics.jsonl, config.toml and checkpoints/ go here
-    kernels: str = "auto"  # "torch", or "auto": the fastest backend available on the device
+    kernels: str = "auto"  # attention and loss backends at once: torch, triton, or auto (triton on CUDA, torch on CPU)
+    attention: str = ""  # attention alone: torch (SDPA) or triton (flash-attention kernel); "" = as kernels
+    loss: str = ""  # loss alone: torch (F.cross_entropy on full logits) or triton (fused linear + CE); "" = as kernels
     init: str = ""  # start from this model (Hugging Face or minisft folder) instead of a random one
     freeze_embeddings: bool = False  # with init: keep the token embedding (and a tied head) fixed
     freeze_layers: int = 0  # with init: keep the first N transformer layers fixed
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # [model]: the network's shape (model.py)
+    data: DataConfig = field(default_factory=DataConfig)  # [data]: files, chat format, lengths (above)
+    train: TrainConfig = field(default_factory=TrainConfig)  # [train]: the optimizer and the loop (train.py)
 
     def __post_init__(self) -> None:
         choices = ("auto", *ATTENTION_BACKENDS)
         if self.kernels not in choices:
             raise ValueError(f"kernels: unknown backend {self.kernels!r}; available here: {', '.join(choices)}")
+        for part, table in (("attention", ATTENTION_BACKENDS), ("loss", LOSS_BACKENDS)):
+            name = getattr(self, part)
+            if name not in ("", "auto", *table):
+                raise ValueError(
+                    f"{part}: unknown backend {name!r}; choose auto, {', '.join(table)} or '' (as kernels)"
+                )
         if self.freeze_layers < 0:
             raise ValueError(f"freeze_layers must be at least 0, got {self.freeze_layers}")
         if (self.freeze_embeddings or self.freeze_layers) and not self.init:
@@ -143,6 +157,19 @@ def _flatten(table: dict[str, Any], path: Path) -> dict[str, Any]:
     return flat
 
 
+def underscore_flags(args: list[str]) -> list[str]:
+    """['--max-seq-len', '8', '--data.chat-format=x'] -> ['--max_seq_len', '8', '--data.chat_format=x']:
+    flags are spelled as config keys are, and a hyphen in a flag's name is read as an underscore."""
+
+    def spelled(arg: str) -> str:
+        if not arg.startswith("--"):
+            return arg
+        name, equals, value = arg[2:].partition("=")
+        return "--" + name.replace("-", "_") + equals + value
+
+    return [spelled(arg) for arg in args]
+
+
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """['--train.lr', '3e-4', '--steps=10'] -> {'train.lr': '3e-4', 'train.steps': '10'}."""
     keys = _all_keys()
@@ -197,21 +224,77 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(str(err)) from None
 
 
+def toml_value(value: Any) -> str:
+    """A str, bool, int or float written as TOML writes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        # A JSON string is a TOML basic string, once non-ASCII is kept as is (TOML has no
+        # surrogate-pair escapes) and DEL, which JSON leaves bare, is escaped.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return repr(value)
+
+
 def to_toml(config: RunConfig) -> str:
     """The config as a TOML file that `load_config` reads back to the same object."""
 
     def line(name: str, value: Any) -> str:
-        if isinstance(value, bool):
-            return f"{name} = {str(value).lower()}"
-        if isinstance(value, str):
-            # A JSON string is a TOML basic string, once non-ASCII is kept as is (TOML has no
-            # surrogate-pair escapes) and DEL, which JSON leaves bare, is escaped.
-            text = json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-            return f"{name} = {text}"
-        return f"{name} = {value!r}"
+        return f"{name} = {toml_value(value)}"
 
     lines = [line(f.name, getattr(config, f.name)) for f in dataclasses.fields(config) if f.name not in SECTIONS]
     for section in SECTIONS:
         part = getattr(config, section)
         lines += ["", f"[{section}]"] + [line(f.name, getattr(part, f.name)) for f in dataclasses.fields(part)]
     return "\n".join(lines) + "\n"
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field of a dataclass -> its comment in the class's source: the comment that ends the
+    field's line, or else the comment lines right above it ("" when it has none)."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {  # line number -> comment text
+        token.start[0]: token.string.lstrip("#").strip()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    }
+    lines = source.splitlines()
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, line = [], node.lineno - 1
+        while line in comments and lines[line - 1].lstrip().startswith("#"):  # a comment-only line
+            above.insert(0, comments[line])
+            line -= 1
+        found[node.target.id] = comments.get(node.end_lineno) or " ".join(above)
+    return found
+
+
+def config_help(width: int = 110) -> str:
+    """Every config key with its type, default (as TOML writes it) and comment, for `train --help`."""
+    defaults = RunConfig()
+    tables = [("", RunConfig, defaults)] + [
+        (name, type(getattr(defaults, name)), getattr(defaults, name)) for name in SECTIONS
+    ]
+    text = [
+        "config keys: a TOML file (--config) holds the top-level keys, then the tables [model], [data] and",
+        "[train]; on the command line a key is --section.key VALUE, or --key VALUE when the name is unique.",
+    ]
+    for section, cls, values in tables:
+        text.append(f"\n[{section}]" if section else "")
+        comments = field_comments(cls)
+        for name, kind in _fields(cls).items():
+            if name in SECTIONS:
+                continue
+            key = f"{section}.{name}" if section else name
+            flag = f"  --{key} {kind.__name__.upper()} = {toml_value(getattr(values, name))}"
+            lines = textwrap.wrap(comments[name], width - HELP_COLUMN) or [""]
+            if len(flag) >= HELP_COLUMN:  # a long default: the comment starts on the next line
+                text.append(flag)
+                flag = ""
+            text.append(flag.ljust(HELP_COLUMN) + lines[0])
+            text += [" " * HELP_COLUMN + line for line in lines[1:]]
+    return "\n".join(text)
+
+
+HELP_COLUMN = 46  # where config_help's comments start

@@ -1,4 +1,4 @@
-"""The built-in demo: the whole SFT story on a tiny model, on a CPU, in about two minutes.
+"""The built-in demo: the whole SFT story on a tiny model, on a CPU (how long: README, "Set up and run").
 
 1. Make a synthetic domain: sorting letters up or down, and counting them.
 2. Pre-train a tiny base model on plain sentences about that domain ("sort d a c : a c d",
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from minisft.bookkeeping import Progress
 from minisft.chat import ChatML, Example, render_text
 from minisft.checkpoint import save_model
 from minisft.generate import generate_greedy
@@ -77,7 +78,7 @@ class DemoConfig:
     model: ModelConfig = ModelConfig(
         vocab_size=384, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=64
     )
-    # No mid-run checkpoints: each stage is two minutes at most, and its model is saved at the end.
+    # No mid-run checkpoints: each stage takes minutes at most, and its model is saved at the end.
     pretrain: TrainConfig = TrainConfig(
         steps=800, batch_size=64, lr=3e-3, warmup_steps=30, eval_every=100, log_every=20, save_every=0
     )
@@ -105,12 +106,14 @@ def conversation(task: Task, x: str, y: str | None = None) -> list[dict[str, str
 
 
 def answer_all(model: Transformer, chat: ChatML, items: list[tuple[Task, str, str]]) -> list[str]:
-    """Greedy answers to the items' instructions, rendered as chat prompts."""
+    """Greedy answers to the items' instructions, rendered as chat prompts; progress on stderr."""
     prompts = [chat.render_prompt(conversation(task, x)) for task, x, _ in items]
     model.eval()
     outputs = []
+    progress = Progress(len(prompts), "answering")
     for start in range(0, len(prompts), 100):
         outputs += generate_greedy(model, prompts[start : start + 100], 16, {chat.end_id, chat.tokenizer.eos_id})
+        progress.update(len(outputs), "held-out prompts, greedy")
     return [chat.tokenizer.decode(ids).strip() for ids in outputs]
 
 

@@ -4,8 +4,10 @@
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `setup` joins the process group (NCCL on GPUs,
 gloo on CPUs). Every rank holds a full replica of the model and reads its own share of each
-optimizer step's micro-batches (see `train.py`); DDP sums the gradients across ranks during the
-backward pass. Launched as a plain `python -m minisft`, none of this runs: one rank, no group.
+optimizer step's micro-batches (see `train.py`); DDP averages the gradients across ranks during
+the backward pass, and `optimizer_step` scales each rank's loss by the number of ranks so that the
+average is the sum the global loss needs. Launched as a plain `python -m minisft`, none of this
+runs: one rank, no group.
 
 With `train.fsdp = true` (for a model that does not fit one GPU) each rank holds only a shard of
 every parameter, gradient and AdamW moment instead (FSDP2, `fully_shard`): each Block, then the
@@ -88,8 +90,8 @@ class _Loss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *args) -> Tensor:
-        return self.model.loss(*args)
+    def forward(self, *loss_args) -> Tensor:  # Transformer.loss's arguments, as Replica.loss passes them
+        return self.model.loss(*loss_args)
 
 
 def shard(model: Transformer) -> None:
@@ -122,9 +124,17 @@ class Replica:
         # DDP broadcasts rank 0's weights on construction, so every replica starts equal.
         self.ddp = DistributedDataParallel(_Loss(model)) if self.world > 1 and not self.fsdp else None
 
-    def loss(self, *args) -> Tensor:
-        """model.loss(input_ids, labels, num_trained_tokens, position_ids, document_ids)."""
-        return self.model.loss(*args) if self.ddp is None else self.ddp(*args)
+    def loss(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        num_trained_tokens: int,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
+        """`Transformer.loss`, through DDP when there is one (DDP syncs what its forward computes)."""
+        loss = self.model.loss if self.ddp is None else self.ddp
+        return loss(input_ids, labels, num_trained_tokens, position_ids, document_ids)
 
     def sync_gradients(self, now: bool) -> AbstractContextManager:
         """Around a micro-batch's forward and backward: DDP all-reduces its gradients only when

@@ -50,7 +50,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from minisft.chat import make_chat_format
 from minisft.hf import CHAT_TEMPLATES, CheckpointError, chat_format_of_template
-from minisft.model import ModelConfig, Transformer, rotary_frequencies
+from minisft.model import Backends, ModelConfig, Transformer, rotary_frequencies
 from minisft.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "qwen2")  # qwen2: Llama with biases on q, k and v
@@ -244,7 +244,9 @@ class GGUFFile:
         tokenizer.chat_template = self.chat_template
         return tokenizer
 
-    def load(self, kernels: str = "torch", dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+    def load(
+        self, backends: Backends | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[Transformer, Tokenizer]:
         """-> (model on CPU, tokenizer): every tensor dequantised to fp32, then cast to dtype."""
         config = self.model_config()
         tokenizer = self.tokenizer()
@@ -253,7 +255,7 @@ class GGUFFile:
                 f"{self.path}: {tokenizer.vocab_size} tokens but token_embd.weight has {config.vocab_size} rows"
             )
         with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-            model = Transformer(config, kernels=kernels)
+            model = Transformer(config, backends)
         expected = {name: t.shape for name, t in model.state_dict().items()}
         names = {theirs: ours for theirs, ours in tensor_names(config.n_layers).items() if ours in expected}
         unexpected = [name for name in self.tensors if name not in names and name != "rope_freqs.weight"]
@@ -363,11 +365,11 @@ class _HeaderReader:
 
 
 def load_gguf(
-    path: str | Path, kernels: str = "torch", dtype: torch.dtype = torch.float32
+    path: str | Path, backends: Backends | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[Transformer, Tokenizer, str | None]:
     """-> (model on CPU, tokenizer, chat format or None) from a GGUF file."""
     file = GGUFFile(path)
-    model, tokenizer = file.load(kernels, dtype)
+    model, tokenizer = file.load(backends, dtype)
     return model, tokenizer, file.chat_format
 
 
@@ -544,7 +546,7 @@ def _add_tensor(writer, name: str, values: np.ndarray, gguf_type: str) -> None:
         writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
     else:
         if np.abs(values).max() > np.finfo(np.float16).max:
-            raise CheckpointError(f"{name} has values beyond float16's range: export with --gguf-type bf16")
+            raise CheckpointError(f"{name} has values beyond float16's range: export with --gguf_type bf16")
         writer.add_tensor(name, values.astype(np.float16))
 
 

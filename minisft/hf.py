@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from minisft.chat import TOOLS_HEAD, TOOLS_TAIL, Llama31, make_chat_format
 from minisft.checkpoint import write_folder
-from minisft.model import ModelConfig, Transformer
+from minisft.model import Backends, ModelConfig, Transformer
 from minisft.tokenizer import Tokenizer, read_chat_template
 
 # Architecture -> the model_type config.json gives with it.
@@ -336,7 +336,7 @@ def chat_format_of(folder: Path) -> str | None:
 
 
 def load_hf(
-    folder: str | Path, kernels: str = "torch", dtype: torch.dtype = torch.float32
+    folder: str | Path, backends: Backends | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[Transformer, Tokenizer, str | None]:
     """-> (model on CPU, tokenizer, chat format or None) from a Hugging Face model folder."""
     folder = Path(folder)
@@ -350,7 +350,7 @@ def load_hf(
             f"{config.vocab_size} rows: tokenizer and weights do not belong together"
         )
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-        model = Transformer(config, kernels=kernels)
+        model = Transformer(config, backends)
     expected = {name: t.shape for name, t in model.state_dict().items()}
     model.load_state_dict(read_weights(folder, expected, dtype), assign=True)
     return model, tokenizer, chat_format_of(folder)

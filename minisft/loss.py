@@ -2,11 +2,12 @@
 
     loss = Σ_{t : labels[t] != -100} −log softmax(h_t · Wᵀ)[labels[t]]  /  N
 
-N is the number of trained tokens in the whole optimizer step — all micro-batches (and, later,
-all ranks) — passed in by the caller. Dividing each micro-batch's *sum* by the same global N
-makes k accumulated micro-batches give exactly the loss and gradient of one big batch; taking a
-per-micro-batch mean instead weights a short answer's tokens more than a long one's (the
-gradient-accumulation bug that TRL and transformers shipped for years).
+N is the number of trained tokens in the whole optimizer step — all micro-batches and, under
+torchrun, all ranks (`train.count_tokens` sums it) — passed in by the caller. Dividing each
+micro-batch's *sum* by the same global N makes k accumulated micro-batches give exactly the loss
+and gradient of one big batch; taking a per-micro-batch mean instead weights a short answer's
+tokens more than a long one's (the gradient-accumulation bug that TRL and transformers shipped for
+years).
 
 Labels arrive already shifted (labels[t] is the token after input_ids[t]; see `chat.py`), so
 nothing here shifts.
@@ -17,11 +18,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
-
-
-def count_trained_tokens(labels: Tensor) -> int:
-    return int((labels != IGNORE_INDEX).sum())
+from minisft.labels import IGNORE_INDEX
 
 
 def token_loss_sum_torch(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
@@ -37,7 +34,7 @@ def token_loss_sum_triton(hidden: Tensor, head_weight: Tensor, labels: Tensor) -
     return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head_weight, labels.reshape(-1), "sum")
 
 
-# Name -> Σ-loss function with the signature above (the model's `kernels` picks one).
+# Name -> Σ-loss function with the signature above (the model's `Backends.loss` picks one).
 LOSS_BACKENDS = {"torch": token_loss_sum_torch, "triton": token_loss_sum_triton}
 
 

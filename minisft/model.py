@@ -6,9 +6,9 @@ as combined in Llama (Touvron et al. 2023). Parameter names follow the Hugging F
 layout (`layers.0.self_attn.q_proj.weight`, ...) so a pretrained checkpoint maps onto this model
 name for name.
 
-Attention and the loss are pluggable: `Transformer(config, kernels="torch")` uses PyTorch
-(SDPA and `F.cross_entropy`), `kernels="triton"` the kernels in `triton_kernels/` (see
-ATTENTION_BACKENDS here and LOSS_BACKENDS in loss.py). Generation passes a `KVCache` instead,
+Attention and the loss are pluggable, each on its own: `Transformer(config, Backends(attention="torch",
+loss="triton"))` — "torch" is PyTorch (SDPA; `F.cross_entropy`), "triton" the kernels in
+`triton_kernels/` (see ATTENTION_BACKENDS here and LOSS_BACKENDS in loss.py). Generation passes a `KVCache` instead,
 which stores each layer's keys and values so a step runs only the new token. Classes read
 bottom-up: norm -> rotary -> attention (and its cache) -> MLP -> block -> model.
 """
@@ -18,27 +18,29 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minisft.loss import masked_lm_loss
+from minisft.loss import LOSS_BACKENDS, masked_lm_loss
+from triton_kernels.documents import document_bounds, document_mask
 
 ROPE_SCALINGS = ("", "linear", "llama3")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 512
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    vocab_size: int = 512  # embedding rows; raised to fit the tokenizer (a multiple of 64) when smaller
+    dim: int = 128  # the residual stream's width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads; head dim = dim / n_heads (16, 32, 64 or 128 for the Triton kernel)
     n_kv_heads: int = 2  # grouped-query attention: each K/V head serves n_heads // n_kv_heads Q heads
     ffn_dim: int = 384  # hidden width of the SwiGLU MLP
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    max_seq_len: int = 256  # the longest sequence the model accepts
+    rope_theta: float = 10000.0  # RoPE base: pair i turns by rope_theta^(-2i/head_dim) per position
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
     tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
     attention_bias: bool = False  # biases on the q, k and v projections (Qwen2), none on o
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
@@ -46,7 +48,7 @@ class ModelConfig:
     # RoPE scaling, as a pretrained checkpoint's config.json names it: "" (none), "linear" (every
     # rotation slowed by rope_factor) or "llama3" (Llama 3.1: only the slow rotations slowed).
     rope_scaling: str = ""
-    rope_factor: float = 1.0
+    rope_factor: float = 1.0  # linear and llama3 scaling: how many times slower the scaled rotations turn
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_len / this are slowed fully
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_len / this keep their speed
     rope_original_max_seq_len: int = 8192  # llama3: the context length of pre-training
@@ -161,37 +163,68 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated_half.float() * sin).to(x.dtype)
 
 
-def attention_torch(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+# A batch's packed documents as an attention backend reads them (see triton_kernels/documents.py):
+# the torch backend's (B, 1, T, T) mask, the Triton kernel's (doc_start, doc_end); None when every
+# row is one document.
+Documents = Tensor | tuple[Tensor, Tensor] | None
+
+
+class Attend(Protocol):
+    """Causal attention: q (B, T, H, D), k/v (B, T, Hkv, D), the batch's documents -> (B, T, H, D)."""
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, documents: Documents) -> Tensor: ...
+
+
+class AttentionBackend(NamedTuple):
+    documents: Callable[[Tensor], Documents]  # document_ids (B, T) -> what `attend` reads; once per forward
+    attend: Attend
+
+
+def attention_torch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """Causal attention with PyTorch SDPA. q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D).
 
-    With document_ids (B, T), a packed row's token attends only to earlier tokens of its own
-    document — a contiguous run of equal ids, as packing writes them and as the Triton kernel reads
-    them — through an explicit (B, 1, T, T) mask, which is what the Triton kernel avoids.
+    A packed batch brings its (B, 1, T, T) document mask (`document_mask`): a token attends only to
+    earlier tokens of its own document. The Triton kernel needs no such (T, T) tensor.
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants (B, H, T, D)
     gqa = k.shape[1] != q.shape[1]
-    if document_ids is None:
+    if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
-        T = q.shape[2]
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        runs = F.pad(document_ids.diff(dim=1).ne(0), (1, 0)).cumsum(dim=1)  # run number of each token
-        same_document = runs[:, :, None] == runs[:, None, :]  # (B, T, T)
-        mask = (causal & same_document)[:, None]  # (B, 1, T, T)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
-def attention_triton(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+def attention_triton(q: Tensor, k: Tensor, v: Tensor, bounds: tuple[Tensor, Tensor] | None) -> Tensor:
     """The same, by the Triton flash-attention kernel: no (T, T) mask or score matrix in memory."""
     from triton_kernels.attention import attention  # imported on use: triton is heavy
 
-    return attention(q, k, v, document_ids)
+    return attention(q, k, v, bounds=bounds)
 
 
-# Name -> causal attention function (the model's `kernels` picks one, and the loss with it:
-# see LOSS_BACKENDS in loss.py).
-ATTENTION_BACKENDS = {"torch": attention_torch, "triton": attention_triton}
+# Name -> causal attention, and how it wants a packed batch's documents.
+ATTENTION_BACKENDS = {
+    "torch": AttentionBackend(document_mask, attention_torch),
+    "triton": AttentionBackend(document_bounds, attention_triton),
+}
+
+
+@dataclass(frozen=True)
+class Backends:
+    """Which code computes attention and which the loss, each swapped on its own: names in
+    ATTENTION_BACKENDS and LOSS_BACKENDS (loss.py)."""
+
+    attention: str = "torch"
+    loss: str = "torch"
+
+    def __post_init__(self) -> None:
+        for part, table in (("attention", ATTENTION_BACKENDS), ("loss", LOSS_BACKENDS)):
+            name = getattr(self, part)
+            if name not in table:
+                raise ValueError(f"unknown kernels backend {name!r} for {part}; choose one of {sorted(table)}")
+
+    def __str__(self) -> str:
+        return f"attention={self.attention}, loss={self.loss}"
 
 
 class KVCache:
@@ -199,8 +232,8 @@ class KVCache:
 
     Buffers are (B, max_len, Hkv, D). All rows share one length — generation left-pads its prompts
     (see generate.py) — and `is_token` (B, max_len) is False at padding, which is never attended to.
-    `attention(layer)` is an attention function with the ATTENTION_BACKENDS signature: it appends
-    the new keys and values, then attends the new queries over everything cached.
+    `attention(layer)` is an `Attend` for that layer: it appends the new keys and values, then
+    attends the new queries over everything cached (generation never packs: documents is None).
     """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
@@ -210,8 +243,8 @@ class KVCache:
         self.is_token = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # positions filled; the model advances it after each forward
 
-    def attention(self, layer: int) -> Callable[..., Tensor]:
-        def attend(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    def attention(self, layer: int) -> Attend:
+        def attend(q: Tensor, k: Tensor, v: Tensor, documents: Documents) -> Tensor:
             start, end = self.length, self.length + q.shape[1]
             self.keys[layer][:, start:end], self.values[layer][:, start:end] = k, v
             query_pos = torch.arange(start, end, device=q.device)[:, None]
@@ -245,7 +278,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend, document_ids: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend, documents: Documents) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -253,7 +286,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attend(q, k, v, document_ids)  # (B, T, H, D)
+        out = attend(q, k, v, documents)  # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -280,17 +313,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend, document_ids: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, document_ids)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend, documents: Documents) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, kernels: str = "torch") -> None:
+    def __init__(self, config: ModelConfig, backends: Backends | None = None) -> None:
         super().__init__()
-        if kernels not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown kernels backend {kernels!r}; choose one of {sorted(ATTENTION_BACKENDS)}")
-        self.config, self.kernels = config, kernels
+        self.config, self.backends = config, backends or Backends()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -367,10 +398,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
         positions = torch.arange(start, end, device=input_ids.device) if position_ids is None else position_ids
         cos, sin = rotary_cos_sin(positions, rotary_frequencies(self.config, input_ids.device))
+        backend = ATTENTION_BACKENDS[self.backends.attention]
+        # Once per forward, not per layer: the mask (torch) or the document bounds (Triton).
+        documents = None if document_ids is None else backend.documents(document_ids)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            attend = ATTENTION_BACKENDS[self.kernels] if cache is None else cache.attention(i)
-            x = layer(x, cos, sin, attend, document_ids)
+            attend = backend.attend if cache is None else cache.attention(i)
+            x = layer(x, cos, sin, attend, documents)
         if cache is not None:
             cache.length = end
         return self.norm(x)
@@ -389,4 +423,4 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Masked next-token loss; labels are already shifted, -100 where no loss is taken."""
         hidden = self(input_ids, position_ids, document_ids)
-        return masked_lm_loss(hidden, self.head_weight, labels, num_trained_tokens, backend=self.kernels)
+        return masked_lm_loss(hidden, self.head_weight, labels, num_trained_tokens, backend=self.backends.loss)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from minisft.chat import Example
-from minisft.loss import IGNORE_INDEX
+from minisft.labels import IGNORE_INDEX
 
 
 class Batch(NamedTuple):
@@ -32,9 +32,6 @@ class Batch(NamedTuple):
     labels: Tensor
     position_ids: Tensor | None = None  # restart at 0 for each document of a packed row
     document_ids: Tensor | None = None  # 0, 1, ... per document in a row; the pad tail has the next id
-    # (documents + 1,) int32 offsets of every document (each pad tail counted as one) in the
-    # flattened (B·T) batch: the layout varlen attention kernels take instead of document_ids.
-    cu_seqlens: Tensor | None = None
 
 
 def pad_batch(examples: list[Example], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -80,13 +77,12 @@ def packing_efficiency(rows: list[list[Example]], max_len: int) -> float:
 
 
 def packed_batch(rows: list[list[Example]], pad_id: int) -> Batch:
-    """Packed rows -> a Batch of (B, T) tensors, T = the longest row, plus cu_seqlens."""
+    """Packed rows -> a Batch of (B, T) tensors, T = the longest row."""
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     document_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    seqlens = []
     for r, row in enumerate(rows):
         start = 0
         for doc, example in enumerate(row):
@@ -95,11 +91,8 @@ def packed_batch(rows: list[list[Example]], pad_id: int) -> Batch:
             labels[r, start : start + n] = torch.tensor(example.labels)
             position_ids[r, start : start + n] = torch.arange(n)
             document_ids[r, start : start + n] = doc
-            seqlens.append(n)
             start += n
         if start < width:  # the pad tail: a document of its own, so no real token attends to it
             position_ids[r, start:] = torch.arange(width - start)
             document_ids[r, start:] = len(row)
-            seqlens.append(width - start)
-    cu_seqlens = torch.tensor([0, *seqlens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    return Batch(input_ids, labels, position_ids, document_ids, cu_seqlens)
+    return Batch(input_ids, labels, position_ids, document_ids)

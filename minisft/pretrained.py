@@ -17,16 +17,20 @@ import json
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from minisft.chat import CHAT_FORMATS, ChatFormat, make_chat_format
 from minisft.checkpoint import load_model
-from minisft.config import ConfigError, RunConfig
+from minisft.errors import ConfigError
 from minisft.gguf import GGUFFile, is_gguf_file
 from minisft.hf import chat_format_of, is_hf_folder, load_hf
-from minisft.model import ModelConfig, Transformer, padded_vocab_size
+from minisft.model import Backends, ModelConfig, Transformer, padded_vocab_size
 from minisft.tokenizer import Tokenizer, UnknownTokenError, read_chat_template
+
+if TYPE_CHECKING:  # only a type here: `chat` imports this module and must not load the training config
+    from minisft.config import RunConfig
 
 
 def find_model_folder(path: str | Path) -> Path:
@@ -65,23 +69,25 @@ class SavedModel:
             return f"{self.path} has a chat template that is none of minisft's formats ({', '.join(CHAT_FORMATS)})"
         return f"{self.path} has no chat template"
 
-    def load(self, kernels: str = "torch", dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+    def load(
+        self, backends: Backends | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[Transformer, Tokenizer]:
         """-> (model on CPU, tokenizer)."""
         if self.gguf is not None:
-            return self.gguf.load(kernels, dtype)
+            return self.gguf.load(backends, dtype)
         if (self.path / "minisft.json").is_file():
-            model, tokenizer, _ = load_model(self.path, kernels)
+            model, tokenizer, _ = load_model(self.path, backends)
             return model.to(dtype), tokenizer
-        model, tokenizer, _ = load_hf(self.path, kernels, dtype)
+        model, tokenizer, _ = load_hf(self.path, backends, dtype)
         return model, tokenizer
 
 
 def load_pretrained(
-    path: str | Path, kernels: str = "torch", dtype: torch.dtype = torch.float32
+    path: str | Path, backends: Backends | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[Transformer, Tokenizer, str | None]:
     """-> (model on CPU, tokenizer, the chat format it was trained with, None if unknown)."""
     saved = SavedModel(path)
-    return *saved.load(kernels, dtype), saved.chat_format
+    return *saved.load(backends, dtype), saved.chat_format
 
 
 def fit_chat_format(model: Transformer, tokenizer: Tokenizer, name: str, train_on: str) -> tuple[ChatFormat, list[int]]:
@@ -118,12 +124,12 @@ def _check_model_keys(config: RunConfig, loaded: ModelConfig, init: str) -> None
             raise ConfigError(f"model.{f.name} = {asked!r}, but {init} has {got!r}: with init, the model is {init}'s")
 
 
-def start_from(config: RunConfig, kernels: str) -> tuple[Transformer, Tokenizer, ChatFormat, RunConfig]:
+def start_from(config: RunConfig, backends: Backends) -> tuple[Transformer, Tokenizer, ChatFormat, RunConfig]:
     """`train --init PATH`: the model and tokenizer of PATH, fitted to data.chat_format, frozen as
     the config says; -> (model on CPU, tokenizer, chat format, config with the model's shape)."""
     if config.data.tokenizer:
         raise ConfigError(f"data.tokenizer is set, but init={config.init} brings its own tokenizer: leave it empty")
-    model, tokenizer, saved_format = load_pretrained(config.init, kernels)
+    model, tokenizer, saved_format = load_pretrained(config.init, backends)
     if saved_format not in (None, config.data.chat_format):
         print(
             f"note: {config.init} was trained with chat format {saved_format!r}; this run renders "

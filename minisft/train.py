@@ -10,31 +10,30 @@ One optimizer step, top to bottom:
   5. every `log_every` steps log the loss, every `eval_every` steps evaluate each held-out set
      (the first one picks checkpoints/best and drives early stopping), every `save_every` steps
      write a checkpoint that `resume=True` continues from exactly.
+
+This file holds the maths of a step and the loop's control flow; what the run remembers, writes
+and prints (metrics, checkpoints, resume, the NaN guard's count, progress) is `bookkeeping.py`'s,
+and what builds a run from a config (model, data, run folder) is `recipe.py`'s.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
-import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from minisft.bookkeeping import Bookkeeper
 from minisft.chat import Example
-from minisft.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, step_checkpoints
 from minisft.distributed import Replica, ranks, sum_across_ranks
-from minisft.loss import count_trained_tokens
+from minisft.labels import count_trained_tokens
 from minisft.model import Transformer
 from minisft.packing import Batch, pack_examples, packed_batch, packing_efficiency, pad_batch
 
@@ -51,18 +50,22 @@ class TrainConfig:
     warmup_steps: int = 20  # linear warmup from 0 to lr
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
     weight_decay: float = 0.1  # on matrices only, never on norms
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     eval_every: int = 50  # steps between held-out evaluations (0: only after the last step)
-    eval_batch_size: int = 64
-    log_every: int = 10
-    seed: int = 0
+    eval_batch_size: int = 64  # examples per held-out forward pass
+    log_every: int = 10  # steps between metrics.jsonl records and progress lines
+    seed: int = 0  # seeds the weight init and the data order: two runs with one seed train alike
     save_every: int = 100  # steps between checkpoints in run_dir/checkpoints/step_N (0: no checkpoints at all)
     keep_checkpoints: int = 3  # the newest step_N folders kept; checkpoints/best is kept besides them
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient norm that stop the run
     early_stop_patience: int = 0  # stop after this many evals without a better held-out loss (0: never)
     fsdp: bool = False  # under torchrun, shard parameters, gradients and AdamW state over the ranks (FSDP2)
+    # CPU threads torch uses from the start of the loop on (0: torch's default, one per core). One is
+    # the safe default on a shared machine: each op's threads wait at its barrier for the slowest, so
+    # a core busy with other work made the default 7-15× slower (benchmarks/bench_threads.py).
+    threads: int = 1
     # Matmuls under bf16 autocast (weights and AdamW state stay fp32): "auto" on CUDA only, "bf16"
     # on a CPU too (~1.7x faster where it has AMX or AVX-512 bf16), "fp32" never.
     precision: str = "auto"
@@ -72,7 +75,7 @@ class TrainConfig:
         for name in (*positive, "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "early_stop_patience"):
+        for name in ("eval_every", "save_every", "early_stop_patience", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be at least 0, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -148,104 +151,29 @@ def evaluate(
     return total / max(count, 1)
 
 
-class Progress:
-    """One status line: redrawn in place on a terminal, printed every log_every steps otherwise."""
-
-    def __init__(self, total: int, label: str, first_step: int = 1) -> None:
-        self.total, self.label, self.first_step, self.start = total, label, first_step, time.perf_counter()
-        self.live = sys.stderr.isatty()
-
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / (step - self.first_step + 1) * (self.total - step)
-        bar = "#" * (20 * step // self.total)
-        line = (
-            f"{self.label} [{bar:<20}] {step}/{self.total} | loss {loss:.4f} | "
-            f"{tokens_per_s / 1e3:.1f}k tok/s | ETA {int(eta // 60)}:{int(eta % 60):02d}"
-        )
-        end = "" if self.live and step < self.total else "\n"
-        print(("\r" if self.live else "") + line, end=end, file=sys.stderr, flush=True)
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on as asked; the message says why and what to do, printable as is."""
-
-
-class DivergedError(TrainingError):
-    """Too many consecutive steps had a non-finite loss or gradient norm."""
-
-
-@dataclass
-class RunState:
-    """Where a run stands: everything besides weights, optimizer and RNG that resuming needs."""
-
-    step: int = 0  # optimizer steps done
-    micro_batches: int = 0  # taken from the example stream (all ranks together): its position
-    best_eval_loss: float | None = None  # on the first eval set
-    best_step: int = 0
-    evals_since_best: int = 0  # early stopping's count
-    bad_steps: int = 0  # consecutive steps with a non-finite loss or gradient norm
-    skipped_steps: int = 0  # steps without a trained token
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON record per line, written by rank 0 only."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.file = open(path, "a") if enabled else None  # noqa: SIM115 - closed by close()
-
-    def write(self, record: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop what an interrupted run logged after its checkpoint's step (and a torn last line), so
-    the resumed run's records follow on without a duplicate or missing step."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the process died mid-line
-            continue
-        if record.get("step", 0) <= last_step:
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
-
-
 def optimizer_step(
-    model: Transformer,
+    replica: Replica,
     optimizer: torch.optim.Optimizer,
-    batches: list[Batch | tuple[Tensor, Tensor]],
+    batches: list[Batch],
     num_trained: int,
     grad_clip: float,
-    replica: Replica | None = None,
     precision: str = "auto",
 ) -> tuple[float, float]:
     """Accumulate Σ loss / num_trained over the micro-batches, clip, step. -> (loss, grad norm).
 
     A non-finite loss or gradient norm skips the update: the gradients are dropped, the weights
-    and AdamW's moments stay as they were. Under torchrun pass the loop's `replica` (one DDP
-    wrapper for the whole run); the loss returned is then the global one, summed over ranks.
+    and AdamW's moments stay as they were. `replica` is the model as this rank trains it (one for
+    the whole run: under torchrun it holds the DDP wrapper); the loss returned is the global one,
+    summed over ranks.
     """
+    model = replica.model
     device = model.embed_tokens.weight.device
-    replica = replica or Replica(model)
     step_loss = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
-        # A packed batch brings position and document ids; a padded one (or a bare tuple) has None.
-        input_ids, labels, position_ids, document_ids, _ = (None if t is None else t.to(device) for t in Batch(*batch))
+        batch = Batch(*(None if t is None else t.to(device) for t in batch))  # a padded batch has no packing ids
         with replica.sync_gradients(now=i == len(batches) - 1):
             with autocast(device, precision):
-                loss = replica.loss(input_ids, labels, num_trained, position_ids, document_ids)
+                loss = replica.loss(batch.input_ids, batch.labels, num_trained, batch.position_ids, batch.document_ids)
             # Each rank's loss is its share of the global loss (its token losses / the global N),
             # so the gradient we want is the *sum* over ranks; DDP averages (and so does FSDP2's
             # reduce-scatter), so scale by the ranks.
@@ -275,71 +203,25 @@ def count_tokens(batches: list[Batch], pad_id: int, device: torch.device) -> tup
     return trained, real
 
 
-def batching(train_set: list[Example], pack_to: int, pad_id: int, label: str) -> tuple[list, Callable[[list], Batch]]:
-    """-> (the stream's items: examples or packed rows, how a list of them becomes a Batch)."""
+def collate(items: list[Example] | list[list[Example]], pad_id: int) -> Batch:
+    """A micro-batch's items -> a Batch: examples are right-padded, packed rows (lists of examples) packed."""
+    if isinstance(items[0], Example):
+        return Batch(*pad_batch(items, pad_id))
+    return packed_batch(items, pad_id)
+
+
+def stream_items(train_set: list[Example], pack_to: int, label: str) -> list[Example] | list[list[Example]]:
+    """What the example stream shuffles and batches: the examples themselves, or (pack_to > 0)
+    packed rows of pack_to tokens."""
     if not pack_to:
-        return train_set, lambda examples: Batch(*pad_batch(examples, pad_id))
+        return train_set
     rows = pack_examples(train_set, pack_to)
     if ranks().is_main:
         print(
             f"{label}: packed {len(train_set)} examples into {len(rows)} rows of {pack_to} tokens, "
             f"{packing_efficiency(rows, pack_to):.1%} of them real (packing efficiency)"
         )
-    return rows, lambda rows: packed_batch(rows, pad_id)
-
-
-def resume_state(
-    checkpoints: Path,
-    model: Transformer,
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    replica: Replica | None = None,
-) -> RunState:
-    """Load the newest complete checkpoint into model, optimizer and RNGs; -> its RunState."""
-    found = step_checkpoints(checkpoints)
-    if not found:
-        raise TrainingError(f"nothing to resume: {checkpoints} holds no complete step_N checkpoint")
-    load_states = partial(replica.load_full_state, optimizer) if replica is not None and replica.fsdp else None
-    saved = load_checkpoint(found[-1], model, optimizer, load_states)
-    changed = [
-        f"{k} (saved {v!r}, now {getattr(cfg, k)!r})"
-        for k, v in saved["train_config"].items()
-        if getattr(cfg, k) != v and k != "fsdp"  # the same checkpoint format with and without FSDP2
-    ]
-    if changed:
-        raise TrainingError(
-            f"{found[-1]} was trained with other settings: {', '.join(changed)}; an exact resume needs the same"
-        )
-    state = RunState(**saved["run"])
-    print(f"resuming from {found[-1]} (step {state.step})", file=sys.stderr)
-    return state
-
-
-def track_best(state: RunState, losses: dict[str, float]) -> bool:
-    """Update the best held-out loss (the first eval set's) and early stopping's count; -> improved?"""
-    loss = next(iter(losses.values()))
-    if state.best_eval_loss is not None and loss >= state.best_eval_loss:
-        state.evals_since_best += 1
-        return False
-    state.best_eval_loss, state.best_step, state.evals_since_best = loss, state.step, 0
-    return True
-
-
-def report_bad_step(
-    step: int, bad: list[str], state: RunState, cfg: TrainConfig, log: MetricsLog, checkpoints: Path
-) -> None:
-    """Log a skipped non-finite step; after max_bad_steps of them in a row, stop the run."""
-    what = " and ".join(bad)
-    log.write({"step": step, "skipped": f"non-finite {what}"})
-    if ranks().is_main:
-        print(f"step {step} skipped: non-finite {what} ({state.bad_steps} in a row)", file=sys.stderr)
-    if state.bad_steps >= cfg.max_bad_steps:
-        found = step_checkpoints(checkpoints)
-        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved (train.save_every = 0)"
-        raise DivergedError(
-            f"training diverged: {state.bad_steps} steps in a row had a non-finite {what} (last: step {step}); "
-            f"{kept}; lower train.lr, raise train.warmup_steps, or check the data"
-        )
+    return rows
 
 
 def train_loop(
@@ -366,84 +248,46 @@ def train_loop(
 
     With cfg.save_every > 0, checkpoints go to run_dir/checkpoints (`checkpoint.py`; write_extra
     adds files of the caller's to each) and resume=True continues from the newest one exactly: the
-    same batches, losses and (on CPU, bitwise) weights as a run never interrupted.
+    same batches, losses and (on CPU, bitwise) weights as a run never interrupted. Logging, eval
+    bookkeeping, checkpoints and the NaN guard are `bookkeeping.py`'s.
     """
-    run_dir, checkpoints, me = Path(run_dir), Path(run_dir) / "checkpoints", ranks()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = model.embed_tokens.weight.device
+    me, device = ranks(), model.embed_tokens.weight.device
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # for the rest of the process, evaluation and generation too
     torch.manual_seed(cfg.seed)
     replica = Replica(model, cfg.fsdp)  # before the optimizer: FSDP2 replaces the parameters by shards
     optimizer = make_optimizer(model, cfg)
-    items, collate = batching(train_set, pack_to, pad_id, label)
-    state = resume_state(checkpoints, model, optimizer, cfg, replica) if resume else RunState()
-    if resume and me.is_main:
-        truncate_metrics(run_dir / "metrics.jsonl", state.step)
-    stream = example_stream(items, cfg.batch_size, cfg.seed, skip=state.micro_batches)
-    log = MetricsLog(run_dir / "metrics.jsonl", me.is_main)
-
-    def save(folder: Path) -> None:
-        states = replica.full_state(optimizer)  # under FSDP2 a collective: every rank takes part
-        if me.is_main:
-            trainer_state = {"run": asdict(state), "train_config": asdict(cfg)}
-            save_checkpoint(folder, model, optimizer, trainer_state, write_extra, states)
-
-    progress = Progress(cfg.steps, label, state.step + 1)
+    items = stream_items(train_set, pack_to, label)
+    books = Bookkeeper(Path(run_dir), cfg, label, replica, optimizer, resume, write_extra)
+    stream = example_stream(items, cfg.batch_size, cfg.seed, skip=books.state.micro_batches)
     model.train()
     last_eval: dict[str, float] = {}
-    tokens_since_log, log_clock = 0, time.perf_counter()
-    for step in range(state.step + 1, cfg.steps + 1):
+    for step in range(books.state.step + 1, cfg.steps + 1):
         # Every rank takes the micro-batches one process with grad_accum × ranks would, and builds its share.
         taken = [next(stream) for _ in range(cfg.grad_accum * me.world)]
-        batches = [collate(items) for items in taken[me.rank :: me.world]]
-        state.step, state.micro_batches = step, state.micro_batches + len(taken)
+        batches = [collate(micro, pad_id) for micro in taken[me.rank :: me.world]]
+        books.begin_step(step, len(taken))
         num_trained, num_tokens = count_tokens(batches, pad_id, device)
-        lr = learning_rate(step - 1, cfg)
-        bad: list[str] = []
         if num_trained == 0:
-            state.skipped_steps += 1
-            log.write({"step": step, "skipped": "no trained tokens in this step's batches"})
-            print(f"{label}: step {step} skipped: its batches hold no trained token", file=sys.stderr)
+            books.skip_empty_step()
         else:
+            lr = learning_rate(step - 1, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm = optimizer_step(
-                model, optimizer, batches, num_trained, cfg.grad_clip, replica, cfg.precision
-            )
-            bad = [name for name, value in (("loss", loss), ("grad_norm", grad_norm)) if not math.isfinite(value)]
-            state.bad_steps = state.bad_steps + 1 if bad else 0
-            tokens_since_log += num_tokens  # pads excluded
-        if bad:
-            report_bad_step(step, bad, state, cfg, log, checkpoints)
-
-        if num_trained and not bad and (step % cfg.log_every == 0 or step == cfg.steps):
-            now = time.perf_counter()
-            tokens_per_s = tokens_since_log / (now - log_clock)
-            record = {"step": step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm}
-            log.write(record | {"trained_tokens": num_trained, "tokens_per_s": tokens_per_s})
-            if me.is_main:
-                progress.update(step, loss, tokens_per_s)
-            tokens_since_log, log_clock = 0, now
+            loss, grad_norm = optimizer_step(replica, optimizer, batches, num_trained, cfg.grad_clip, cfg.precision)
+            width = max(b.input_ids.shape[1] for b in batches)
+            books.stepped(loss, grad_norm, lr, num_trained, num_tokens, width)  # raises DivergedError
         # Every rank evaluates (the same weights, the same numbers), so all agree on when to stop.
         if eval_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             last_eval = {
-                name: evaluate(model, examples, pad_id, cfg.eval_batch_size, cfg.precision)
-                for name, examples in eval_sets.items()
+                name: evaluate(model, ex, pad_id, cfg.eval_batch_size, cfg.precision) for name, ex in eval_sets.items()
             }
-            log.write({"step": step, **{f"eval_loss/{name}": value for name, value in last_eval.items()}})
-            if track_best(state, last_eval) and cfg.save_every:
-                save(checkpoints / "best")
-        stop_early = bool(cfg.early_stop_patience) and state.evals_since_best >= cfg.early_stop_patience
+            books.evaluated(last_eval)
+        stop_early = books.should_stop_early()
         if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop_early):
-            save(checkpoints / f"step_{step}")
-            if me.is_main:
-                prune_checkpoints(checkpoints, cfg.keep_checkpoints)
+            books.save_step()
         if stop_early:
-            log.write({"step": step, "early_stop": f"no better held-out loss in {state.evals_since_best} evals"})
-            print(
-                f"{label}: early stop at step {step}; the best held-out loss, {state.best_eval_loss:.4f}, "
-                f"was at step {state.best_step}",
-                file=sys.stderr,
-            )
+            books.stop_early()
             break
-    log.close()
-    return last_eval | {"skipped_steps": state.skipped_steps, "last_step": state.step}
+    books.close()
+    return last_eval | {"skipped_steps": books.state.skipped_steps, "last_step": books.state.step}

@@ -1,12 +1,12 @@
 """Print one record as the model sees it: every token of its packed row, with its id, its
 position id, its document, and the label it is trained to predict (or none).
 
-    python scripts/explain_example.py data.jsonl --tokenizer tok/ [--record 3] [--chat-format qwen3]
+    python scripts/explain_example.py data.jsonl --tokenizer tok/ [--record 3] [--chat_format qwen3]
 
 `--record N` is the file's Nth record, bad ones counted, so N is what you count in the file; a bad
 record before it does not matter. It is rendered and packed with the good records after it
 (`--neighbours`), as training with `data.packing = true` would, into a row as long as the record
-(at least 256 tokens), or `--max-seq-len` tokens: then a longer record is cut, and a note says
+(at least 256 tokens), or `--max_seq_len` tokens: then a longer record is cut, and a note says
 where (in its answer, or after it). On a terminal the trained positions are green and other
 documents grey; otherwise a `*` marks a trained position and `[...]` the trained text. Bad input
 (a missing file, a bad record N, an unknown option) ends in one line on stderr and exit code 2.
@@ -18,13 +18,14 @@ import argparse
 import sys
 
 from minisft.chat import CHAT_FORMATS, TRAIN_ON, ChatFormat, Example, make_chat_format
+from minisft.config import underscore_flags
 from minisft.data import Conversation, DataError, read_records, to_messages
 from minisft.dataset import fit
-from minisft.loss import IGNORE_INDEX
+from minisft.labels import IGNORE_INDEX
 from minisft.packing import pack, packed_batch
 from minisft.tokenizer import Tokenizer
 
-MIN_ROW = 256  # tokens per row when --max-seq-len is not given (or the record's length, if longer)
+MIN_ROW = 256  # tokens per row when --max_seq_len is not given (or the record's length, if longer)
 
 GREEN, GREY, RESET = "\033[32m", "\033[90m", "\033[0m"
 
@@ -57,7 +58,7 @@ def cut_note(example: Example, record: int, row: int) -> str:
     if trained[-1] >= row:
         kept = sum(t < row for t in trained)
         where = f"inside its answers: {kept} of {len(trained)} trained tokens kept"
-    return f"note: record {record} is {len(example.input_ids)} tokens; --max-seq-len {row} cuts it there, {where}"
+    return f"note: record {record} is {len(example.input_ids)} tokens; --max_seq_len {row} cuts it there, {where}"
 
 
 def explain(args: argparse.Namespace, colour: bool) -> str:
@@ -73,7 +74,7 @@ def explain(args: argparse.Namespace, colour: bool) -> str:
     row_len = args.max_seq_len or max(MIN_ROW, len(rendered[0].input_ids))
     examples = [fit(e, row_len, "truncate")[0] for e in rendered]  # None: answer cut off
     if examples[0] is None:
-        raise DataError(f"record {args.record} ({records[0].where}): its answer starts past --max-seq-len {row_len}")
+        raise DataError(f"record {args.record} ({records[0].where}): its answer starts past --max_seq_len {row_len}")
     notes = [cut_note(rendered[0], args.record, row_len)] if len(rendered[0].input_ids) > row_len else []
     cut = sum(len(e.input_ids) > row_len for e in rendered[1:])
     notes += [f"note: {cut} of the neighbours cut to {row_len} tokens"] if cut else []
@@ -132,15 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("file", help="JSONL or JSON file of records")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json or its folder")
     parser.add_argument("--record", type=int, default=1, help="which record of the file, counting from 1, bad ones too")
-    parser.add_argument("--chat-format", default="chatml", choices=sorted(CHAT_FORMATS))
-    parser.add_argument("--train-on", default="assistant", choices=TRAIN_ON)
+    parser.add_argument("--chat_format", default="chatml", choices=sorted(CHAT_FORMATS))
+    parser.add_argument("--train_on", default="assistant", choices=TRAIN_ON)
     parser.add_argument(
-        "--max-seq-len", type=int, default=0, help=f"tokens per packed row (default: the record's, at least {MIN_ROW})"
+        "--max_seq_len", type=int, default=0, help=f"tokens per packed row (default: the record's, at least {MIN_ROW})"
     )
     parser.add_argument("--neighbours", type=int, default=3, help="records after it to pack it with")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(underscore_flags(sys.argv[1:] if argv is None else argv))  # one spelling, as config keys
     if args.record < 1 or args.neighbours < 0 or args.max_seq_len and args.max_seq_len < 2:
-        one_line_error("--record counts from 1, --neighbours from 0, and --max-seq-len is at least 2")
+        one_line_error("--record counts from 1, --neighbours from 0, and --max_seq_len is at least 2")
     try:
         print(explain(args, colour=sys.stdout.isatty()))
     except (DataError, OSError, ValueError, KeyError) as err:

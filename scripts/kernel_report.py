@@ -3,9 +3,14 @@ registers, spills and shared memory per launch config, and each kernel's rooflin
 
     python scripts/kernel_report.py        # every config: table on stdout and in benchmarks/results/kernel_report.md
     python scripts/kernel_report.py --ci   # only the configs marked in_ci (what tests/test_kernel_report.py runs)
+    PYTHONPATH=.triton36 python scripts/kernel_report.py   # the same under triton 3.6 (scripts/setup_triton36.sh)
 
 Exit status 1 when a config fails to compile, a bf16 config spills registers, or a config needs more
 shared memory than the GPU gives one program; the problems are listed last.
+
+Registers and spills depend on the Triton version (its code generation and the ptxas it ships), so
+the report has one section per Triton version, named with its ptxas versions: a run replaces its own
+version's section of benchmarks/results/kernel_report.md and keeps the others.
 
 Each kernel module in triton_kernels/ that defines `launch_configs()` and `reference_costs()` is
 included (see triton_kernels/launch.py). Triton compiles each config to a cubin exactly as its JIT
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -107,6 +113,71 @@ def ptxas_version(capability: int) -> str:
         return "?"
 
 
+def version_section(rows: list, found: list[str]) -> str:
+    """This Triton version's table and problems, under a heading naming it and its ptxas versions."""
+    versions = ", ".join(f"ptxas {ptxas_version(t.capability)} for {t.arch}" for t in TARGETS)
+    lines = [
+        f"## triton {triton.__version__} ({versions})",
+        "",
+        "| kernel | config | warps | stages | CI | "
+        + " | ".join(f"{t.gpu} regs | {t.gpu} spill | {t.gpu} smem" for t in TARGETS)
+        + " |",
+        "|---|---|--:|--:|:-:|" + "--:|--:|--:|" * len(TARGETS),
+    ]
+    for config, results in rows:
+        cells = [
+            f"{r.registers} | {r.spill} | {r.shared}" if isinstance(r, Resources) else "error | | " for r in results
+        ]
+        ci = "✓" if config.in_ci else ""
+        lines.append(
+            f"| {config.jit_fn.__name__} | {config.label} | {config.num_warps} | {config.num_stages} | {ci} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += ["", "Problems: " + ("none." if not found else ""), *(f"- {p}" for p in found)]
+    return "\n".join(lines) + "\n"
+
+
+def roofline_section(costs: list) -> str:
+    lines = [
+        "## Roofline floor on an H100",
+        "",
+        f"max(bytes / {H100_BYTES_PER_S / 1e12:.1f} TB/s, tensor FLOPs / {H100_TENSOR_FLOPS / 1e12:.0f} TFLOP/s, "
+        f"fp32 FLOPs / {H100_FP32_FLOPS / 1e12:.0f} TFLOP/s): a measured time is compared with it.",
+        "",
+        "| kernel | shape | MB moved | tensor GFLOP | fp32 GFLOP | floor (µs) | bound by |",
+        "|---|---|--:|--:|--:|--:|---|",
+    ]
+    for cost in costs:
+        floor, bound = cost.floor_s()
+        lines.append(
+            f"| {cost.kernel} | {cost.shape} | {cost.bytes / 1e6:,.0f} | {cost.tensor_flops / 1e9:,.1f} | "
+            f"{cost.fp32_flops / 1e9:,.1f} | {floor * 1e6:,.0f} | {bound} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+INTRO = (
+    "# Kernel report: ahead-of-time compiles for H100 and A100\n\n"
+    "Written by `scripts/kernel_report.py`, one section per Triton version it was run under (each run "
+    "replaces its own). Per thread: registers (255 at most); spill = stack frame + local memory in bytes, 0 "
+    "unless registers ran out. Per program: shared memory in bytes, static + dynamic, against a limit of "
+    + ", ".join(f"{t.max_shared} on {t.gpu}" for t in TARGETS)
+    + ". ✓ = compiled in CI (under each version).\n"
+)
+
+
+def merged_report(old: str, version: str, section: str, roofline: str) -> str:
+    """The report file with triton `version`'s section put in (newest version first), the others kept."""
+    sections = {
+        m.group(1): m.group(0).rstrip("\n") + "\n"
+        for m in re.finditer(r"^## triton (\S+).*?(?=^## |\Z)", old, re.M | re.S)
+    }
+    sections[version] = section
+    newest_first = sorted(sections, key=lambda v: [int(x) for x in re.findall(r"\d+", v)], reverse=True)
+    return "\n".join([INTRO, *(sections[v] for v in newest_first), roofline])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ci", action="store_true", help="compile only the configs marked in_ci; write no file")
@@ -132,54 +203,15 @@ def main() -> int:
             print(f" {time.perf_counter() - config_start:.1f} s", file=sys.stderr)
             rows.append((config, results))
 
-    versions = ", ".join(f"ptxas {ptxas_version(t.capability)} for {t.arch}" for t in TARGETS)
-    lines = [
-        "# Kernel report: ahead-of-time compiles for H100 and A100",
-        "",
-        f"Written by `scripts/kernel_report.py` (triton {triton.__version__}, {versions}). Per thread: "
-        "registers (255 at most); spill = stack frame + local memory in bytes, 0 unless registers ran out. "
-        "Per program: shared memory in bytes, static + dynamic, against a limit of "
-        + ", ".join(f"{t.max_shared} on {t.gpu}" for t in TARGETS)
-        + ". ✓ = compiled in CI.",
-        "",
-        "| kernel | config | warps | stages | CI | "
-        + " | ".join(f"{t.gpu} regs | {t.gpu} spill | {t.gpu} smem" for t in TARGETS)
-        + " |",
-        "|---|---|--:|--:|:-:|" + "--:|--:|--:|" * len(TARGETS),
-    ]
-    for config, results in rows:
-        cells = [
-            f"{r.registers} | {r.spill} | {r.shared}" if isinstance(r, Resources) else "error | | " for r in results
-        ]
-        ci = "✓" if config.in_ci else ""
-        lines.append(
-            f"| {config.jit_fn.__name__} | {config.label} | {config.num_warps} | {config.num_stages} | {ci} | "
-            + " | ".join(cells)
-            + " |"
-        )
-    lines += [
-        "",
-        f"Roofline floor on an H100: max(bytes / {H100_BYTES_PER_S / 1e12:.1f} TB/s, tensor FLOPs / "
-        f"{H100_TENSOR_FLOPS / 1e12:.0f} TFLOP/s, fp32 FLOPs / {H100_FP32_FLOPS / 1e12:.0f} TFLOP/s); "
-        "a measured time is compared with it.",
-        "",
-        "| kernel | shape | MB moved | tensor GFLOP | fp32 GFLOP | floor (µs) | bound by |",
-        "|---|---|--:|--:|--:|--:|---|",
-    ]
-    for cost in costs:
-        floor, bound = cost.floor_s()
-        lines.append(
-            f"| {cost.kernel} | {cost.shape} | {cost.bytes / 1e6:,.0f} | {cost.tensor_flops / 1e9:,.1f} | "
-            f"{cost.fp32_flops / 1e9:,.1f} | {floor * 1e6:,.0f} | {bound} |"
-        )
-    lines += ["", "Problems: " + ("none." if not found else ""), *(f"- {p}" for p in found)]
-    table = "\n".join(lines) + "\n"
-    print(table)
+    section = version_section(rows, found)
+    roofline = roofline_section(costs)
+    print(section + "\n" + roofline)
     n_compiles = len(rows) * len(TARGETS)
     print(f"{n_compiles} compiles in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if not args.ci:
         REPORT.parent.mkdir(parents=True, exist_ok=True)
-        REPORT.write_text(table)
+        old = REPORT.read_text() if REPORT.exists() else ""
+        REPORT.write_text(merged_report(old, triton.__version__, section, roofline))
     return 1 if found else 0
 
 

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_venv.sh
+bash scripts/setup_triton36.sh  # triton 3.6 for the compile check under the oldest Triton we allow
 python -m pytest -m "slow or not slow" "$@"

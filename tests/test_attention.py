@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_kernels.attention import attention, attention_reference, document_bounds
+from triton_kernels.attention import attention, attention_reference
+from triton_kernels.documents import document_bounds, document_mask
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -147,7 +148,7 @@ def test_a_repeated_id_starts_a_new_document():
     torch.testing.assert_close(attention_reference(q, k, v, ids), ours[0], atol=1e-5, rtol=1e-5)
     from minisft.model import attention_torch  # the model's PyTorch backend reads ids the same way
 
-    torch.testing.assert_close(attention_torch(q, k, v, ids), ours[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention_torch(q, k, v, document_mask(ids)), ours[0], atol=1e-5, rtol=1e-5)
 
 
 def test_document_bounds():
@@ -172,7 +173,7 @@ def test_unsupported_inputs_are_clear_errors():
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("packed", [False, True])
 def test_model_with_triton_kernels_equals_torch_backend(packed):
-    from minisft.model import ModelConfig, Transformer
+    from minisft.model import Backends, ModelConfig, Transformer
 
     config = ModelConfig(vocab_size=61, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
     input_ids = torch.randint(0, 61, (2, 37), device=DEVICE)
@@ -184,7 +185,7 @@ def test_model_with_triton_kernels_equals_torch_backend(packed):
     grads = {}
     for kernels in ("torch", "triton"):
         torch.manual_seed(0)
-        model = Transformer(config, kernels=kernels).to(DEVICE)
+        model = Transformer(config, Backends(kernels, kernels)).to(DEVICE)
         loss = model.loss(input_ids, labels, int(labels.numel()), position_ids, docs)
         loss.backward()
         grads[kernels] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})

@@ -11,7 +11,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-CPU_BENCHMARKS = ("bench_tokenize.py", "bench_cpu_sft.py")
+CPU_BENCHMARKS = ("bench_tokenize.py", "bench_threads.py", "bench_cpu_sft.py")
 GPU_BENCHMARKS = sorted(p for p in (REPO_ROOT / "benchmarks").glob("bench_*.py") if p.name not in CPU_BENCHMARKS)
 
 
@@ -57,6 +57,17 @@ def test_tokenize_benchmark_runs_on_a_cpu(tmp_path):
         return
     rows = json.loads((tmp_path / "tokenize.json").read_text())["rows"]
     assert [r["load"] for r in rows] == ["no cache", "cold", "warm"] and rows[0]["records"] == 1998
+
+
+def test_threads_benchmark_row_runs_and_reports_the_thread_count():
+    """One row of benchmarks/bench_threads.py (a child process, 1 timed step): the numbers it tabulates."""
+    script = REPO_ROOT / "benchmarks" / "bench_threads.py"
+    args = [sys.executable, str(script), "--child", "1", "--steps", "1"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout)
+    assert row["threads_used"] == 1 and row["tokens_per_s"] > 0
+    assert row["loss"] == pytest.approx(5.97, abs=0.05)  # ≈ ln(384): random tokens, a fresh model
 
 
 @pytest.mark.slow

@@ -89,7 +89,10 @@ def test_qwen3s_own_template_is_qwen3(shared_data):
 @pytest.mark.parametrize(
     "template, why",
     [
-        (MISTRAL, "has a chat template that is none of minisft's formats (chatml, qwen3, llama3, llama3.1, instruction)"),
+        (
+            MISTRAL,
+            "has a chat template that is none of minisft's formats (chatml, qwen3, llama3, llama3.1, instruction)",
+        ),
         (None, "has no chat template"),
     ],
 )
@@ -102,7 +105,7 @@ def test_chat_and_export_refuse_before_the_weights_load(tokenizer, tmp_path, mon
     monkeypatch.setattr("minisft.pretrained.load_hf", lambda *a: pytest.fail("weights loaded before the refusal"))
     capsys.readouterr()
     assert main(["chat", str(folder), "--prompt", "hi"]) == 2
-    assert capsys.readouterr().err == f"error: {folder} {why}: pick one with --chat-format\n"
+    assert capsys.readouterr().err == f"error: {folder} {why}: pick one with --chat_format\n"
     assert main(["export", str(folder), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {folder} {why}: the export needs the format it was trained with\n"

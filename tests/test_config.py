@@ -179,3 +179,61 @@ def test_cli_bad_key_is_one_line_on_stderr_and_exit_code_2(tmp_path):
     assert result.stderr.startswith("error: ")
     assert "'train.lrr'" in result.stderr and "did you mean 'train.lr'" in result.stderr
     assert result.stdout == ""
+
+
+def test_chat_does_not_import_the_training_stack():
+    """`python -m minisft chat` loads a model and a tokenizer; the config, the loop and DDP stay out."""
+    code = "import sys, minisft.chat_cli; print(sorted(m for m in sys.modules if m.startswith('minisft')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for module in ("minisft.config", "minisft.train", "minisft.distributed", "minisft.recipe"):
+        assert f"'{module}'" not in result.stdout
+    assert "'minisft.errors'" in result.stdout
+
+
+def test_kernels_names_both_backends_and_attention_or_loss_override_it(tmp_path):
+    import torch
+
+    from minisft.model import Backends
+    from minisft.recipe import pick_backends
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pick_backends(load_config(), cpu) == Backends("torch", "torch")  # auto: the kernels need a GPU
+    assert pick_backends(load_config(), cuda) == Backends("triton", "triton")
+    assert pick_backends(load_config(None, ["--loss", "triton"]), cpu) == Backends("torch", "triton")
+    assert pick_backends(load_config(None, ["--kernels", "triton", "--attention", "torch"]), cpu) == Backends(
+        "torch", "triton"
+    )
+    old = load_config(write(tmp_path, 'kernels = "torch"\n'))  # a config.toml written before the split
+    assert pick_backends(old, cuda) == Backends("torch", "torch")
+    with pytest.raises(ConfigError, match="loss: unknown backend 'liger'"):
+        load_config(None, ["--loss", "liger"])
+
+
+def test_train_help_lists_every_key_with_its_type_default_and_comment(capsys):
+    from minisft.__main__ import main
+    from minisft.config import _all_keys, field_comments
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    keys = _all_keys()
+    assert len(keys) > 50
+    for key, kind in keys.items():
+        assert f"--{key} {kind.__name__.upper()} = " in out, key
+    assert "--train.lr FLOAT = 0.001" in out and "peak learning rate" in out
+    assert '--data.cache_dir STR = "~/.cache/minisft/data"' in out
+    # The comment above a field counts too (rope_scaling's), and no key is left without one.
+    assert "RoPE scaling, as a pretrained checkpoint's config.json names it" in out
+    for cls in (RunConfig, ModelConfig, DataConfig, TrainConfig):
+        assert all(field_comments(cls).values()), [n for n, c in field_comments(cls).items() if not c]
+
+
+def test_a_hyphen_in_a_flag_reads_as_an_underscore():
+    from minisft.config import underscore_flags
+
+    assert underscore_flags(["--max-seq-len", "8", "--data.chat-format=llama3", "-h", "a-b"]) == [
+        "--max_seq_len", "8", "--data.chat_format=llama3", "-h", "a-b"
+    ]  # fmt: skip
+    assert load_config(None, underscore_flags(["--train.grad-accum", "4"])).train.grad_accum == 4

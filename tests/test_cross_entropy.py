@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import triton_kernels.cross_entropy as cross_entropy_module
 from triton_kernels.cross_entropy import (
+    BLOCK_MAX,
     _chunk_rows,
     cross_entropy,
     cross_entropy_reference,
@@ -98,6 +99,39 @@ def test_extreme_logits_stay_finite(offset):
     torch.testing.assert_close(grad, ref_grad, atol=2e-3, rtol=2e-3)
 
 
+# Rows with -inf logits (a masked vocabulary), over three 4096-wide blocks: V = 2 · BLOCK_MAX + 100.
+# The online log-sum-exp must not compute -inf - (-inf) while every logit so far is -inf.
+MASKED_VOCAB = 2 * BLOCK_MAX + 100
+
+
+def masked_logits(dtype, masked):
+    """4 rows; the last two are ordinary. "leading blocks": rows 0 and 1 have their two leading
+    blocks at -inf, labels in the finite tail. "all but the label": every logit of rows 0 and 1 is
+    -inf except the label's, in the last block (row 0) or the first (row 1)."""
+    logits, labels = make_inputs(4, MASKED_VOCAB, dtype)
+    labels[0] = MASKED_VOCAB - 7
+    if masked == "leading blocks":
+        labels[1] = 2 * BLOCK_MAX
+        logits[:2, : 2 * BLOCK_MAX] = float("-inf")
+    else:
+        labels[1] = 5
+        keep = logits[[0, 1], labels[:2]]
+        logits[:2] = float("-inf")
+        logits[[0, 1], labels[:2]] = keep
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", ["leading blocks", "all but the label"])
+def test_minus_inf_logits_match_torch(dtype, masked):
+    logits, labels = masked_logits(dtype, masked)
+    ours, ref = run_both(logits, labels, "none")  # a random upstream gradient per row
+    assert torch.isfinite(ours[0]).all() and torch.isfinite(ours[1]).all()
+    assert_matches(ours, ref, dtype)
+    if masked == "all but the label":  # the label has probability 1: loss and gradient exactly 0
+        assert ours[0][:2].tolist() == [0.0, 0.0] and float(ours[1][:2].abs().max()) == 0.0
+
+
 def test_default_overwrites_logits_with_their_gradient():
     logits, labels = make_inputs(3, 260, torch.float32)
     expected = F.softmax(logits, dim=1) - F.one_hot(labels, 260).float()
@@ -142,6 +176,31 @@ def test_linear_cross_entropy_matches_torch(reduction, rows, dim, vocab):
     torch.testing.assert_close(grad_h, ref_h, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_w, ref_w, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, linear_cross_entropy_reference(hidden, weight, labels, reduction))
+
+
+@pytest.mark.usefixtures("two_row_chunks")
+def test_linear_cross_entropy_with_logits_that_overflow_to_minus_inf():
+    """A finite linear layer gives a -inf logit when h·w overflows (|h·w| > 3.4e38, fp32 and bf16
+    alike); an -inf inside hidden or weight would instead make NaN of ∂W = ∂logitsᵀ·h in torch too.
+    Column 0 of the weight is -10 on the two leading blocks and hidden[0, 0] = 1e38: row 0's
+    leading blocks are -inf. Column 1 is -10 everywhere but row 1's label: row 1 is -inf but for
+    its label. Rows 2 and 3 (ignored) have zeros in both columns and stay finite."""
+    dim = 8
+    hidden, weight = torch.randn(4, dim, device=DEVICE), torch.randn(MASKED_VOCAB, dim, device=DEVICE) / dim**0.5
+    labels = torch.tensor([MASKED_VOCAB - 7, 2 * BLOCK_MAX + 3, 11, -100], device=DEVICE)
+    hidden[:, :2], weight[:, :2] = 0.0, 0.0
+    weight[: 2 * BLOCK_MAX, 0] = -10.0
+    weight[:, 1] = -10.0
+    weight[labels[1], 1] = 0.0
+    hidden[0, 0], hidden[1, 1] = 1e38, 1e38
+    logits = hidden @ weight.T
+    assert logits[0, : 2 * BLOCK_MAX].isneginf().all() and logits[0, 2 * BLOCK_MAX :].isfinite().all()
+    assert int(logits[1].isfinite().sum()) == 1 and logits[2:].isfinite().all()
+    (loss, grad_h, grad_w), (ref, ref_h, ref_w) = linear_both(hidden, weight, labels, "mean")
+    assert torch.isfinite(loss) and torch.isfinite(grad_h).all() and torch.isfinite(grad_w).all()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_h, ref_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_w, ref_w, atol=1e-5, rtol=1e-5)
 
 
 def test_chunk_rows_follow_the_memory_budget():
@@ -205,14 +264,16 @@ def test_linear_cross_entropy_all_ignored_and_bf16():
 
 @pytest.mark.usefixtures("one_thread")
 def test_training_step_with_triton_backend_equals_torch_backend():
-    from minisft.model import ModelConfig, Transformer
+    from minisft.distributed import Replica
+    from minisft.model import Backends, ModelConfig, Transformer
+    from minisft.packing import Batch
     from minisft.train import optimizer_step
 
     config = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
     models = {}
     for kernels in ("torch", "triton"):
         torch.manual_seed(0)
-        models[kernels] = Transformer(config, kernels=kernels).to(DEVICE)
+        models[kernels] = Transformer(config, Backends(kernels, kernels)).to(DEVICE)
     input_ids = torch.randint(0, 97, (3, 11), device=DEVICE)
     labels = torch.randint(0, 97, (3, 11), device=DEVICE)
     labels[0, :5] = -100
@@ -222,8 +283,8 @@ def test_training_step_with_triton_backend_equals_torch_backend():
     for kernels, model in models.items():
         # SGD, not AdamW: Adam's g / sqrt(v) turns a 1e-9 difference in a ~0 gradient into a full step.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        batches = [(input_ids[:2], labels[:2]), (input_ids[2:], labels[2:])]  # accumulation, as in training
-        losses[kernels], norms[kernels] = optimizer_step(model, optimizer, batches, num_trained, grad_clip=1.0)
+        batches = [Batch(input_ids[:2], labels[:2]), Batch(input_ids[2:], labels[2:])]  # accumulation, as in training
+        losses[kernels], norms[kernels] = optimizer_step(Replica(model), optimizer, batches, num_trained, grad_clip=1.0)
     torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(norms["triton"], norms["torch"], atol=1e-6, rtol=1e-6)
     for (name, p_torch), p_triton in zip(

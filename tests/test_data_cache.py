@@ -72,7 +72,7 @@ def test_no_cache_dir_writes_nothing_and_a_failed_load_caches_nothing(chat, data
 
 
 def test_the_cache_dir_config_key(chat, data, tmp_path, capsys):
-    from minisft.__main__ import load_data
+    from minisft.recipe import load_data
 
     assert DataConfig().cache_dir == "~/.cache/minisft/data"
     config = load_config(overrides=["--data.cache_dir", str(tmp_path / "c"), "--on_error", "skip"])

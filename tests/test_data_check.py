@@ -198,7 +198,7 @@ def test_explain_example_shows_a_long_answer_whole_and_says_where_it_cuts(tmp_pa
     kept = sum(label != -100 for label in example.labels[:100])
     assert done.returncode == 0
     assert done.stdout.splitlines()[0] == (
-        f"note: record 1 is {len(example.input_ids)} tokens; --max-seq-len 100 cuts it there, "
+        f"note: record 1 is {len(example.input_ids)} tokens; --max_seq_len 100 cuts it there, "
         f"inside its answers: {kept} of {trained} trained tokens kept"
     )
 
@@ -216,7 +216,7 @@ def test_explain_example_reads_record_n_past_a_bad_one_and_bad_input_is_one_line
         (["--record", 2], f"error: {path}:2: invalid JSON"),
         (["--record", 9], f"error: {path} has 3 records: there is no record 9"),
         (["--record", "two"], "error: argument --record: invalid int value: 'two'"),
-        (["--max-seq-len", 1], "error: --record counts from 1, --neighbours from 0, and --max-seq-len is at least 2"),
+        (["--max-seq-len", 1], "error: --record counts from 1, --neighbours from 0, and --max_seq_len is at least 2"),
         (["--chat-format", "llama3"], "error: token '<|eot_id|>' is not in the tokenizer's vocabulary"),
     ]
     done = run_script(path, "--tokenizer", tok_dir, *cases[0][0])

@@ -121,3 +121,24 @@ def test_train_command_reports_bad_data_in_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'train.jsonl'}:1: messages:") and err.count("\n") == 1
+
+
+def test_the_generation_phase_shows_progress(capsys, one_thread):
+    """Answering held-out prompts takes a while on a CPU: a progress line says how far it is."""
+    import random
+
+    from minisft.chat import ChatML
+    from minisft.demo import answer_all, make_items
+    from minisft.model import Transformer
+    from minisft.tokenizer import Tokenizer
+
+    items = make_items(random.Random(0), 150, set())
+    tokenizer = Tokenizer.train_bpe([f"{task.instruction} {x} {y}" for task, x, y in items], vocab_size=300)
+    model = Transformer(ModelConfig(vocab_size=320, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64))
+    answers = answer_all(model, ChatML(tokenizer), items)
+    assert len(answers) == 150
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert [line.split("]")[1].split("|")[0].strip() for line in lines if line.startswith("answering [")] == [
+        "100/150",
+        "150/150",
+    ]

@@ -243,7 +243,7 @@ def test_chat_and_export_take_a_gguf_file(tiny_gguf, tmp_path, capsys):
 
     assert main(["export", str(tiny_gguf), str(tmp_path / "hf")]) == 0  # GGUF -> Hugging Face folder
     assert main(["export", str(tiny_gguf), str(tmp_path / "hf2"), "--gguf-type", "bf16"]) == 2
-    assert "--gguf-type and --overwrite are for a .gguf output" in capsys.readouterr().err
+    assert "--gguf_type and --overwrite are for a .gguf output" in capsys.readouterr().err
 
 
 def test_train_init_takes_a_gguf_file(tiny_gguf, tmp_path, capsys):
@@ -339,7 +339,7 @@ def test_chat_refuses_a_gguf_without_chat_template_before_loading_weights(tiny_g
     monkeypatch.setattr(GGUFFile, "load", lambda *args: pytest.fail("weights loaded before the chat format was known"))
     assert main(["chat", str(bare), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {bare} has no chat template: pick one with --chat-format\n" and "base model" not in err
+    assert err == f"error: {bare} has no chat template: pick one with --chat_format\n" and "base model" not in err
 
 
 # ---------------------------------------------------------------- the real file (slow)

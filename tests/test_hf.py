@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from minisft.generate import generate
 from minisft.hf import CheckpointError, export_hf, load_hf
+from minisft.model import Backends
 from minisft.tokenizer import Tokenizer
 
 from helpers import sharpen_
@@ -196,12 +197,12 @@ def test_cached_generation_equals_transformers_greedy_generate(variant, tokenize
 
 
 def test_qwen3_on_the_triton_kernels_equals_transformers_and_the_torch_path(tokenizer, tmp_path):
-    """kernels="triton" (run by the interpreter here): q/k norms and head_dim 16 != 32 / 4 go through
+    """Backends("triton", "triton") (run by the interpreter here): q/k norms and head_dim 16 != 32 / 4 go through
     the flash-attention and fused linear + cross-entropy kernels; logits equal transformers', and the
     loss and every gradient equal the PyTorch path's, packed documents included."""
     reference = hf_model("qwen3", head_dim=16)
     folder = save_hf(reference, tokenizer, tmp_path)
-    triton, _, _ = load_hf(folder, kernels="triton")
+    triton, _, _ = load_hf(folder, Backends("triton", "triton"))
     torch_path, _, _ = load_hf(folder)
     ids = torch.randint(0, 320, (2, 24))
     torch.testing.assert_close(our_logits(triton, ids), hf_logits(reference, ids), atol=1e-5, rtol=1e-5)

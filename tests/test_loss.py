@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from minisft.chat import Example
-from minisft.loss import count_trained_tokens, masked_lm_loss
+from minisft.labels import count_trained_tokens
+from minisft.loss import masked_lm_loss
 from minisft.model import ModelConfig, Transformer
 from minisft.packing import pad_batch
 

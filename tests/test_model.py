@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from minisft.model import ModelConfig, Transformer, rotary_frequencies
+from minisft.model import Backends, ModelConfig, Transformer, rotary_frequencies
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,7 +147,7 @@ def test_sequence_longer_than_max_seq_len_is_refused():
 
 def test_unknown_kernels_backend_is_refused():
     with pytest.raises(ValueError, match="unknown kernels backend 'nope'"):
-        Transformer(tiny_config(), kernels="nope")
+        Transformer(tiny_config(), Backends(attention="nope"))
 
 
 def test_config_validation_messages():
@@ -275,3 +275,33 @@ def test_resize_vocab_keeps_old_rows_and_starts_new_ones_at_the_mean(tie):
     torch.testing.assert_close(after[..., :64], before, atol=0, rtol=0)
     torch.testing.assert_close(model.head_weight[64:], old_mean.expand(16, -1), atol=1e-6, rtol=0)
     assert sum(p.numel() for p in model.parameters()) == model.config.num_params()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_documents_are_prepared_once_per_forward_for_all_layers(monkeypatch, backend):
+    """The (B, 1, T, T) mask (torch) or the kernel's document bounds (Triton) are built once per
+    forward and handed to every layer, not rebuilt in each."""
+    import minisft.model as model_module
+
+    calls = []
+    real = model_module.ATTENTION_BACKENDS[backend]
+
+    def documents(document_ids):
+        calls.append(document_ids.shape)
+        return real.documents(document_ids)
+
+    monkeypatch.setitem(model_module.ATTENTION_BACKENDS, backend, real._replace(documents=documents))
+    model = Transformer(tiny_config(n_layers=3, dim=64), Backends(attention=backend))  # head dim 16: the kernel's least
+    input_ids = torch.randint(0, 64, (2, 16))
+    document_ids = torch.tensor([0] * 5 + [1] * 11)[None].expand(2, -1)
+    packed = model(input_ids, document_ids=document_ids)
+    assert calls == [(2, 16)]
+    alone = model(input_ids[:, 5:], position_ids=torch.arange(11)[None].expand(2, -1))
+    torch.testing.assert_close(packed[:, 5:], alone, atol=1e-5, rtol=1e-5)  # the second document saw only itself
+
+
+def test_backends_are_chosen_separately():
+    model = Transformer(tiny_config(), Backends(attention="torch", loss="triton"))
+    assert (model.backends.attention, model.backends.loss) == ("torch", "triton")
+    with pytest.raises(ValueError, match="unknown kernels backend 'fast' for loss"):
+        Backends(loss="fast")

@@ -9,7 +9,8 @@ from test_resume import TRAIN, records, write_train_files
 from test_train_parts import tiny_model
 
 from minisft.checkpoint import step_checkpoints
-from minisft.train import DivergedError, TrainConfig, train_loop
+from minisft.errors import DivergedError
+from minisft.train import TrainConfig, train_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

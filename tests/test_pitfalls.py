@@ -27,10 +27,12 @@ from minisft.checkpoint import load_model, save_model
 from minisft.config import ConfigError, DataConfig, RunConfig
 from minisft.data import DataError
 from minisft.dataset import load_examples
+from minisft.distributed import Replica
 from minisft.hf import export_hf, load_hf
-from minisft.loss import count_trained_tokens, masked_lm_loss
-from minisft.model import ModelConfig, Transformer
-from minisft.packing import pack_examples, packed_batch, pad_batch
+from minisft.labels import count_trained_tokens
+from minisft.loss import masked_lm_loss
+from minisft.model import Backends, ModelConfig, Transformer
+from minisft.packing import Batch, pack_examples, packed_batch, pad_batch
 from minisft.pretrained import load_pretrained, start_from
 from minisft.tokenizer import Tokenizer
 from minisft.train import TrainConfig, optimizer_step, train_loop
@@ -136,7 +138,7 @@ def test_pitfall_02_assistant_mask_is_never_all_zeros_or_all_ones(tok, tmp_path,
     path = write_jsonl(tmp_path / "cut.jsonl", [{"prompt": long_prompt, "completion": "Paris."}] * 3)
     examples, report = load_examples(path, ChatML(tok), 32, too_long="truncate")
     assert examples == [] and report.answer_cut_off == 3
-    from minisft.__main__ import load_data
+    from minisft.recipe import load_data
 
     with pytest.raises(DataError, match=f"no example with a trained token left in {path}.*3 left out: trunc"):
         load_data(path, ChatML(tok), DataConfig(too_long="truncate", cache_dir=""), 32)
@@ -199,7 +201,7 @@ def test_pitfall_04_gradient_accumulation_equals_the_full_batch():
         model = tiny_model(vocab)
         num_trained = sum(count_trained_tokens(labels) for _, labels in batches)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient itself
-        loss, _ = optimizer_step(model, optimizer, batches, num_trained, grad_clip=0.0)
+        loss, _ = optimizer_step(Replica(model), optimizer, [Batch(*b) for b in batches], num_trained, grad_clip=0.0)
         return float(loss), dict(model.named_parameters())
 
     loss_full, after_full = one_step(full)
@@ -530,7 +532,7 @@ def test_pitfall_14_added_special_tokens_are_trained_saved_and_exported(tmp_path
 
     # `train --init base` with ChatML adds <|im_start|> and <|im_end|>: the embedding and head grow.
     config = RunConfig(init=str(tmp_path / "base"), data=DataConfig(chat_format="chatml", cache_dir=""))
-    model, tokenizer, chat, config = start_from(config, "torch")
+    model, tokenizer, chat, config = start_from(config, Backends())
     assert "added <|im_end|>, <|im_start|> to the tokenizer" in capsys.readouterr().out
     new = [tokenizer.token_id("<|im_start|>"), tokenizer.token_id("<|im_end|>")]
     assert min(new) >= base_tok.vocab_size and model.config.vocab_size > max(new)
@@ -558,7 +560,7 @@ def test_pitfall_14_added_special_tokens_are_trained_saved_and_exported(tmp_path
         init=str(tmp_path / "base"), freeze_embeddings=True, data=DataConfig(chat_format="chatml", cache_dir="")
     )
     with pytest.raises(ConfigError, match="freeze_embeddings would leave the 2 tokens added"):
-        start_from(frozen, "torch")
+        start_from(frozen, Backends())
 
 
 def test_pitfall_15_memorising_a_small_set_is_seen_and_stopped(tmp_path):

@@ -4,6 +4,7 @@ checkpoints, and a short real training run."""
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from minisft.chat import Example
 from minisft.checkpoint import load_model, save_model
 from minisft.generate import generate_greedy
 from minisft.model import ModelConfig, Transformer
-from minisft.packing import pad_batch
+from minisft.packing import Batch, pad_batch
 from minisft.tokenizer import Tokenizer
 from minisft.train import TrainConfig, evaluate, example_stream, learning_rate, train_loop
 
@@ -220,10 +221,70 @@ def test_train_loop_lowers_eval_loss_and_logs_metrics(tmp_path):
     assert train_records[-1]["train_loss"] < train_records[0]["train_loss"]
 
 
+# ---------------------------------------------------------------- the console and MFU
+
+
+def test_rates_and_clocks_read_at_every_scale():
+    from minisft.bookkeeping import clock, per_second
+
+    assert [per_second(x, "tok") for x in (0.4, 37, 999, 1000, 3849, 2.5e6)] == [
+        "0 tok/s", "37 tok/s", "999 tok/s", "1.0k tok/s", "3.8k tok/s", "2.50M tok/s"
+    ]  # fmt: skip
+    assert [clock(s) for s in (0, 65.9, 3599, 3725)] == ["0:00", "1:05", "59:59", "1:02:05"]
+
+
+def test_the_console_says_what_the_loop_does(tmp_path, capsys):
+    model = tiny_model(vocab_size=16, max_seq_len=16)
+    cfg = TrainConfig(steps=4, batch_size=8, lr=1e-2, warmup_steps=10, eval_every=2, log_every=2, save_every=4)
+    train_loop(model, copy_task(32, 0), {"heldout": copy_task(8, 1)}, cfg, pad_id=0, run_dir=tmp_path, label="t")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        "t: steps 1-4, 8 examples (or packed rows) each, peak lr 0.01 after 10 warmup steps; "
+        "a progress line every 2 steps"
+    )
+    assert err[1].startswith("t: warning: the whole run is warmup (train.warmup_steps = 10 ≥ train.steps = 4)")
+    assert "climbs to 0.004" in err[1]  # 4 of 10 warmup steps: lr · 4 / 10, by hand
+    progress = [line for line in err if line.startswith("t [")]
+    assert len(progress) == 2 and re.search(
+        r"\] 2/4 \| loss \d\.\d{4} \| \d+(\.\dk)? tok/s \| 0:\d\d elapsed, ETA 0:\d\d$", progress[0]
+    )
+    evals = [line for line in err if "held-out loss" in line]
+    assert re.fullmatch(r"t: step 2 held-out loss heldout \d\.\d{4} \(best so far\)", evals[0]) and len(evals) == 2
+    assert f"t: saved {tmp_path / 'checkpoints' / 'step_4'}" in err
+
+
+def test_mfu_is_model_flops_per_second_over_the_peak(tmp_path, monkeypatch):
+    import minisft.bookkeeping
+
+    monkeypatch.setattr(minisft.bookkeeping, "peak_flops", lambda device: 1e9)
+    model = tiny_model(vocab_size=16, max_seq_len=16)
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-2, warmup_steps=1, eval_every=0, log_every=1, save_every=0)
+    train_loop(model, copy_task(32, 0), {}, cfg, pad_id=0, run_dir=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # By hand (PaLM appendix B): 6 FLOPs per matmul weight per token — q, k, v, o, the SwiGLU's three
+    # and the tied head — plus 12·L·d·T/2 for causal attention over rows of T = 10 tokens.
+    d, L, kv, ffn, V, T = 32, 2, 16, 64, 16, 10
+    weights = L * (2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d) + d + V * d  # norms counted, as num_params does
+    per_token = 6 * weights + 12 * L * d * T // 2
+    for r in records:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / 1e9, rel=1e-9)
+
+
+def test_peak_flops_by_device():
+    from minisft.flops import GPU_PEAK_FLOPS, measured_cpu_peak, peak_flops
+
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12}
+    for name, peak in names.items():
+        assert next(v for k, v in GPU_PEAK_FLOPS.items() if k in name) == peak, name
+    cpu = peak_flops(torch.device("cpu"))
+    assert 1e9 < cpu < 1e13 and cpu == measured_cpu_peak(torch.get_num_threads())  # measured once per process
+
+
 def test_bf16_precision_on_a_cpu_autocasts_each_forward_and_never_reads_stale_weights():
     """train.precision = "bf16" runs a CPU forward in bf16 (its loss differs from fp32's, and equals an
     explicit autocast's) while the weights stay fp32; two steps in a row each see the updated weights —
     which a loop inside one autocast context would not (autocast caches its bf16 weight copies)."""
+    from minisft.distributed import Replica
     from minisft.train import make_optimizer, optimizer_step
 
     ids = torch.randint(0, 64, (2, 16))
@@ -237,7 +298,8 @@ def test_bf16_precision_on_a_cpu_autocasts_each_forward_and_never_reads_stale_we
 
     def two_steps(model, precision):
         optimizer = make_optimizer(model, TrainConfig(lr=1e-2, warmup_steps=1))
-        return [optimizer_step(model, optimizer, [(ids, ids)], ids.numel(), 1.0, precision=precision)[0] for _ in "ab"]
+        batch = [Batch(ids, ids)]
+        return [optimizer_step(Replica(model), optimizer, batch, ids.numel(), 1.0, precision)[0] for _ in "ab"]
 
     model = tiny_model(scale=2.0)
     first, second = two_steps(model, "bf16")

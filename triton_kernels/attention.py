@@ -27,9 +27,9 @@ query block and loops over key blocks (dQ).
 Grouped-query attention: query head h reads key/value head h // (H / H_kv); the dK/dV program of
 a key/value head sums over its group of query heads itself, so K and V are never repeated.
 
-Packed documents: `document_ids` (B, T) label documents as contiguous runs of equal ids (what
-packing produces; the same id appearing again later is a new document). From them each token
-gets the first index of its document (doc_start) and one past its last (doc_end). Query i sees
+Packed documents: `document_ids` (B, T) label documents as contiguous runs of equal ids (the rule
+is written once, in `documents.py`). From them each token gets the first index of its document
+(doc_start) and one past its last (doc_end): `document_bounds`. Query i sees
 keys j with doc_start[i] ≤ j ≤ i; key block loops start at the document start of the block's
 first query (and dK/dV loops stop at the document end of the block's last key), so blocks that
 lie wholly in another document are never loaded, let alone computed. In the forward only blocks
@@ -52,9 +52,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from triton_kernels.documents import document_bounds, document_mask
 from triton_kernels.launch import Cost, LaunchConfig
 
 LOG2_E = 1.4426950408889634
+
+
+# Pointer arithmetic. Q, K, V, O and their gradients keep the model's (B, T, heads, D) layout with
+# D contiguous, so element (b, t, head, d) sits at BASE + b·stride_b + t·stride_t + head·stride_h + d.
+# A program reads a tile of rows t (a block of queries or keys) × all of D for one (b, head): the
+# row offsets broadcast down, the D offsets across. Kᵀ and Vᵀ tiles are loaded transposed directly.
+@triton.jit
+def tile_ptrs(BASE, b, rows, head, stride_b, stride_t, stride_h, offs_d):
+    """Pointers to the (len(rows), HEAD_DIM) tile of batch b, head `head`."""
+    return BASE + b * stride_b + rows[:, None] * stride_t + head * stride_h + offs_d[None, :]
+
+
+@triton.jit
+def tile_ptrs_t(BASE, b, rows, head, stride_b, stride_t, stride_h, offs_d):
+    """The same tile transposed: (HEAD_DIM, len(rows)) pointers."""
+    return BASE + b * stride_b + rows[None, :] * stride_t + head * stride_h + offs_d[:, None]
 
 
 @triton.jit
@@ -73,7 +90,7 @@ def attention_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None])
+    q = tl.load(tile_ptrs(Q, b, offs_m, h, stride_qb, stride_qt, stride_qh, offs_d), mask=row_ok[:, None])
 
     # 1. Which key blocks can this query block see? Causal: up to its last row. Packed: from the
     #    document start of its first row (doc_start never decreases along a row).
@@ -88,9 +105,9 @@ def attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = tl.load(K + b * stride_kb + offs_n[None, :] * stride_kt + kv_h * stride_kh + offs_d[:, None],
+        k_t = tl.load(tile_ptrs_t(K, b, offs_n, kv_h, stride_kb, stride_kt, stride_kh, offs_d),
                       mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N)  # fmt: skip
-        v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vt + kv_h * stride_vh + offs_d[None, :],
+        v = tl.load(tile_ptrs(V, b, offs_n, kv_h, stride_vb, stride_vt, stride_vh, offs_d),
                     mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)  # fmt: skip
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if (start_n + BLOCK_N > start_m) | (start_n < last_doc_start):  # on the diagonal or a document edge
@@ -106,7 +123,7 @@ def attention_fwd_kernel(
 
     # 3. Normalise, and keep log-sum-exp (base 2) for the backward.
     acc = acc / l_i[:, None]
-    tl.store(OUT + b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+    tl.store(tile_ptrs(OUT, b, offs_m, h, stride_ob, stride_ot, stride_oh, offs_d),
              acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
@@ -123,9 +140,9 @@ def attention_bwd_preprocess_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    o = tl.load(OUT + b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+    o = tl.load(tile_ptrs(OUT, b, offs_m, h, stride_ob, stride_ot, stride_oh, offs_d),
                 mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
-    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+    do = tl.load(tile_ptrs(DO, b, offs_m, h, stride_dob, stride_dot, stride_doh, offs_d),
                  mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
 
@@ -146,10 +163,8 @@ def attention_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < T
-    k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kt + kv_h * stride_kh + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
-    v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vt + kv_h * stride_vh + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
+    k = tl.load(tile_ptrs(K, b, offs_n, kv_h, stride_kb, stride_kt, stride_kh, offs_d), mask=key_ok[:, None], other=0.0)
+    v = tl.load(tile_ptrs(V, b, offs_n, kv_h, stride_vb, stride_vt, stride_vh, offs_d), mask=key_ok[:, None], other=0.0)
 
     # 1. Which query blocks see these keys? Causal: from the first key on. Packed: up to the end of
     #    the last key's document.
@@ -164,9 +179,9 @@ def attention_bwd_dkdv_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < T
-            q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            q = tl.load(tile_ptrs(Q, b, offs_m, h, stride_qb, stride_qt, stride_qh, offs_d),
                         mask=row_ok[:, None], other=0.0)  # fmt: skip
-            do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+            do = tl.load(tile_ptrs(DO, b, offs_m, h, stride_dob, stride_dot, stride_doh, offs_d),
                          mask=row_ok[:, None], other=0.0)  # fmt: skip
             lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=row_ok, other=0.0)
@@ -179,8 +194,8 @@ def attention_bwd_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])  # dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)  # dK = dSᵀ Q (τ applied below)
 
-    out_k = DK + b * stride_kb + offs_n[:, None] * stride_kt + kv_h * stride_kh + offs_d[None, :]
-    out_v = DV + b * stride_vb + offs_n[:, None] * stride_vt + kv_h * stride_vh + offs_d[None, :]
+    out_k = tile_ptrs(DK, b, offs_n, kv_h, stride_kb, stride_kt, stride_kh, offs_d)
+    out_v = tile_ptrs(DV, b, offs_n, kv_h, stride_vb, stride_vt, stride_vh, offs_d)
     tl.store(out_k, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(out_v, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
@@ -201,9 +216,8 @@ def attention_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)  # fmt: skip
-    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+    q = tl.load(tile_ptrs(Q, b, offs_m, h, stride_qb, stride_qt, stride_qh, offs_d), mask=row_ok[:, None], other=0.0)
+    do = tl.load(tile_ptrs(DO, b, offs_m, h, stride_dob, stride_dot, stride_doh, offs_d),
                  mask=row_ok[:, None], other=0.0)  # fmt: skip
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
@@ -216,9 +230,9 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kt + kv_h * stride_kh + offs_d[None, :],
+        k = tl.load(tile_ptrs(K, b, offs_n, kv_h, stride_kb, stride_kt, stride_kh, offs_d),
                     mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)  # fmt: skip
-        v_t = tl.load(V + b * stride_vb + offs_n[None, :] * stride_vt + kv_h * stride_vh + offs_d[:, None],
+        v_t = tl.load(tile_ptrs_t(V, b, offs_n, kv_h, stride_vb, stride_vt, stride_vh, offs_d),
                       mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
@@ -228,22 +242,8 @@ def attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − Δ)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # dQ = dS K (τ applied below)
 
-    tl.store(DQ + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+    tl.store(tile_ptrs(DQ, b, offs_m, h, stride_qb, stride_qt, stride_qh, offs_d),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
-
-
-def document_bounds(document_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, T) document ids -> (doc_start, doc_end), each (B, T) int32: the first index of each
-    token's document and one past its last. Documents are contiguous runs of equal ids."""
-    B, T = document_ids.shape
-    index = torch.arange(T, device=document_ids.device).expand(B, T)
-    first = torch.ones_like(document_ids, dtype=torch.bool)
-    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    last = torch.ones_like(first)
-    last[:, :-1] = first[:, 1:]
-    doc_start = torch.where(first, index, 0).cummax(dim=1).values
-    doc_end = torch.where(last, index + 1, T).flip(1).cummin(dim=1).values.flip(1)
-    return doc_start.to(torch.int32).contiguous(), doc_end.to(torch.int32).contiguous()
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -263,24 +263,110 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"head dim {D} is not supported; use 16, 32, 64 or 128")
 
 
-# Tile sizes per kernel on a GPU. Compiled for H100 (sm_90a) and A100 (sm_80) with the 16-byte
-# alignment hints a real launch gets, in bf16, none spills registers (scripts/kernel_report.py
-# checks every one); on H100 each uses wgmma (HGMMA in the SASS). Not yet timed on a GPU.
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, doc_start: Tensor | None, doc_end: Tensor | None) -> Tensor:
+        _check(q, k, v)
+        # Contiguous, so the gradients (empty_like) share the inputs' strides; a no-op in the model.
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
+        if doc_start is None:  # one document per row: every key from 0 is in the query's document
+            doc_start = torch.zeros(B, T, dtype=torch.int32, device=q.device)
+            doc_end = torch.full((B, T), T, dtype=torch.int32, device=q.device)
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        cfg = _tiles(q.device, "fwd")
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests want exact fp32 dots
+        attention_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+            q, k, v, o, lse, doc_start, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            T, H, group, LOG2_E / math.sqrt(D), HEAD_DIM=D, PRECISION=precision, **cfg,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
+        ctx.precision = precision
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+        do = do.contiguous()
+        (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
+        delta = torch.empty_like(lse)
+        cfg = _tiles(q.device, "dq")
+        attention_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+            o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"]
+        )
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = dict(HEAD_DIM=D, PRECISION=ctx.precision)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+        scales = (LOG2_E / math.sqrt(D), 1 / math.sqrt(D))
+        cfg = _tiles(q.device, "dkdv")
+        attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * k.shape[2])](
+            q, k, v, do, lse, delta, dk, dv, doc_end, *strides, T, H, group, *scales, **common, **cfg
+        )
+        cfg = _tiles(q.device, "dq")
+        attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+            q, k, v, do, lse, delta, dq, doc_start, *strides, T, H, group, *scales, **common, **cfg
+        )
+        return dq, dk, dv, None, None
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """Causal attention. q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D), in q's dtype.
+
+    With document_ids (B, T) — contiguous runs of equal ids, one per packed document — a token
+    attends only to earlier tokens of its own document. A caller that attends many times over the
+    same documents (the model: once per layer) passes `bounds = document_bounds(document_ids)`,
+    computed once, instead.
+    """
+    if bounds is None and document_ids is not None:
+        bounds = document_bounds(document_ids)
+    return AttentionFunction.apply(q, k, v, *(bounds or (None, None)))
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    """The same maths in plain PyTorch, in fp32, with the explicit (B, 1, T, T) mask of `documents.py`."""
+    T, D, group = q.shape[1], q.shape[3], q.shape[2] // k.shape[2]
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    scores = qf @ kf.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
+    if document_ids is None:
+        visible = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    else:
+        visible = document_mask(document_ids)
+    out = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ vf
+    return out.transpose(1, 2).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch metadata: the tiles the wrapper launches on a GPU, every configuration it can pick, and what
+# a launch should cost — for scripts/kernel_report.py (see launch.py), declared from the same constants.
+
+
+# Tile sizes per kernel on a GPU, one table for every head dim and for triton 3.6 to 3.9. Compiled
+# for H100 (sm_90a) and A100 (sm_80) with the 16-byte alignment hints a real launch gets, in bf16,
+# none spills registers under triton 3.6 or 3.9 (scripts/kernel_report.py checks every one; CI the
+# training ones under both), and on H100 each uses wgmma (HGMMA in the SASS). Why these:
+# - The rows a program owns (BLOCK_M for fwd and dQ, BLOCK_N for dK/dV) are 16 × num_warps. A score
+#   tile that feeds the next dot from registers is split across warps by rows only, so with fewer
+#   rows the second warpgroup recomputes the first one's S and dP: the earlier 64-row, 8-warp dK/dV
+#   and dQ tiles issued 1.5× and 1.7× the HGMMA work they needed.
+# - dK/dV keeps two fp32 (BLOCK_N, D) accumulators in registers: 16 query rows per step is what fits
+#   beside them at D = 128 (32 spills on A100; 64 × 64 spilled under triton 3.6, on both GPUs).
+# - dQ: 64 × 32 in 4 warps also fits fp32 at D = 128 in A100's shared memory (128 × 32 did not).
+# Not yet timed on a GPU.
 GPU_TILES = {
     "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
 }
 # The interpreter gets 16-wide tiles, so that small test shapes span many blocks.
 INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 
 
-def _tiles(device: torch.device, kernel: str, head_dim: int) -> dict:
-    if device.type != "cuda":
-        return INTERPRETER_TILE
-    if kernel == "dkdv" and head_dim <= 64:  # on A100 the 64 × 64 tile spills at D = 64; this one does not
-        return GPU_TILES[kernel] | {"BLOCK_M": 32, "BLOCK_N": 128}
-    return GPU_TILES[kernel]
+def _tiles(device: torch.device, kernel: str) -> dict:
+    return GPU_TILES[kernel] if device.type == "cuda" else INTERPRETER_TILE
 
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -300,40 +386,40 @@ def launch_configs() -> list[LaunchConfig]:
             constexprs = {"HEAD_DIM": head_dim, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
             for name, kernel in (("fwd", attention_fwd_kernel), ("dkdv", attention_bwd_dkdv_kernel),
                                  ("dq", attention_bwd_dq_kernel)):  # fmt: skip
-                tiles = _tiles(torch.device("cuda"), name, head_dim)
+                tiles = _tiles(torch.device("cuda"), name)
                 blocks = {"BLOCK_M": tiles["BLOCK_M"], "BLOCK_N": tiles["BLOCK_N"]}
                 configs.append(LaunchConfig(
-                    kernel, f"{name} {dtype} D={head_dim}", dtype, _argument_types(kernel, dtype),
+                    kernel, f"{name} {dtype} D={head_dim} BLOCK_M={tiles['BLOCK_M']} BLOCK_N={tiles['BLOCK_N']}", dtype,
+                    _argument_types(kernel, dtype),
                     constexprs | blocks, tiles["num_warps"], tiles["num_stages"], in_ci,
                 ))  # fmt: skip
-            block_m = _tiles(torch.device("cuda"), "dq", head_dim)["BLOCK_M"]
+            block_m = _tiles(torch.device("cuda"), "dq")["BLOCK_M"]
             configs.append(LaunchConfig(
-                attention_bwd_preprocess_kernel, f"delta {dtype} D={head_dim}", dtype,
+                attention_bwd_preprocess_kernel, f"delta {dtype} D={head_dim} BLOCK_M={block_m}", dtype,
                 _argument_types(attention_bwd_preprocess_kernel, dtype),
                 {"HEAD_DIM": head_dim, "BLOCK_M": block_m}, 4, 3, dtype == "bf16" and head_dim == 128,
             ))  # fmt: skip
     return configs
 
 
+# Every run-time argument of the four kernels -> its Triton type, as the JIT sees it at a real launch
+# ("{dtype}": the data dtype). ":16" = divisible by 16: pointers from torch are 16-byte aligned and
+# every stride is a multiple of the head dim (≥ 16); T, H and GROUP carry no such promise.
+ARGUMENT_TYPES = {
+    **dict.fromkeys("Q K V OUT DO DQ DK DV".split(), "*{dtype}:16"),
+    **dict.fromkeys("LSE DELTA".split(), "*fp32:16"),
+    **dict.fromkeys("DOC_START DOC_END".split(), "*i32:16"),
+    **dict.fromkeys("stride_qb stride_qt stride_qh stride_kb stride_kt stride_kh".split(), "i32:16"),
+    **dict.fromkeys("stride_vb stride_vt stride_vh stride_ob stride_ot stride_oh".split(), "i32:16"),
+    **dict.fromkeys("stride_dob stride_dot stride_doh".split(), "i32:16"),
+    **dict.fromkeys("T H GROUP".split(), "i32"),
+    **dict.fromkeys("qk_scale sm_scale".split(), "fp32"),
+}
+
+
 def _argument_types(kernel, dtype: str) -> dict[str, str]:
-    """Triton types of a kernel's run-time arguments, with the divisibility the JIT would see."""
-    types = {}
-    for name in kernel.arg_names:
-        if name in ("LSE", "DELTA"):
-            types[name] = "*fp32:16"
-        elif name.startswith("DOC_"):
-            types[name] = "*i32:16"
-        elif (
-            name.isupper() and name not in ("T", "H", "GROUP") and not name.startswith(("HEAD", "BLOCK", "HAS", "PREC"))
-        ):
-            types[name] = f"*{dtype}:16"  # Q, K, V, OUT, DO, DQ, DK, DV
-        elif name.startswith("stride"):
-            types[name] = "i32:16"
-        elif name in ("qk_scale", "sm_scale"):
-            types[name] = "fp32"
-        elif name in ("T", "H", "GROUP"):
-            types[name] = "i32"
-    return types
+    """ARGUMENT_TYPES of the kernel's run-time arguments (its tl.constexpr ones are launch_configs')."""
+    return {name: ARGUMENT_TYPES[name].format(dtype=dtype) for name in kernel.arg_names if name in ARGUMENT_TYPES}
 
 
 def attention_cost(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str) -> list[Cost]:
@@ -360,78 +446,3 @@ def attention_cost(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim
 def reference_costs() -> list[Cost]:
     """Llama-3.2-1B's attention (32 query heads, 8 K/V heads of 128) over 8 rows of 4096 tokens."""
     return attention_cost(8, 4096, 32, 8, 128, "bf16")
-
-
-class AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None) -> Tensor:
-        _check(q, k, v)
-        # Contiguous, so the gradients (empty_like) share the inputs' strides; a no-op in the model.
-        q, k, v = (t.contiguous() for t in (q, k, v))
-        (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
-        if document_ids is None:  # one document per row: every key from 0 is in the query's document
-            doc_start = torch.zeros(B, T, dtype=torch.int32, device=q.device)
-            doc_end = torch.full((B, T), T, dtype=torch.int32, device=q.device)
-        else:
-            doc_start, doc_end = document_bounds(document_ids)
-        o = torch.empty_like(q)
-        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        cfg = _tiles(q.device, "fwd", D)
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests want exact fp32 dots
-        attention_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-            q, k, v, o, lse, doc_start, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            T, H, group, LOG2_E / math.sqrt(D), HEAD_DIM=D, PRECISION=precision, **cfg,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
-        ctx.precision = precision
-        return o
-
-    @staticmethod
-    def backward(ctx, do: Tensor):
-        q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
-        do = do.contiguous()
-        (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
-        delta = torch.empty_like(lse)
-        cfg = _tiles(q.device, "dq", D)
-        attention_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-            o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"]
-        )
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = dict(HEAD_DIM=D, PRECISION=ctx.precision)
-        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-        scales = (LOG2_E / math.sqrt(D), 1 / math.sqrt(D))
-        cfg = _tiles(q.device, "dkdv", D)
-        attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * k.shape[2])](
-            q, k, v, do, lse, delta, dk, dv, doc_end, *strides, T, H, group, *scales, **common, **cfg
-        )
-        cfg = _tiles(q.device, "dq", D)
-        attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-            q, k, v, do, lse, delta, dq, doc_start, *strides, T, H, group, *scales, **common, **cfg
-        )
-        return dq, dk, dv, None
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
-    """Causal attention. q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D), in q's dtype.
-
-    With document_ids (B, T) — contiguous runs of equal ids, one per packed document — a token
-    attends only to earlier tokens of its own document.
-    """
-    return AttentionFunction.apply(q, k, v, document_ids)
-
-
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
-    """The same maths in plain PyTorch, in fp32, with the explicit (B, 1, T, T) mask.
-
-    A document is a contiguous run of equal ids, as in the kernel: runs are numbered by counting
-    id changes, and tokens see each other only within a run."""
-    T, D, group = q.shape[1], q.shape[3], q.shape[2] // k.shape[2]
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
-    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
-    scores = qf @ kf.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
-    visible = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    if document_ids is not None:
-        runs = torch.cat([torch.zeros_like(document_ids[:, :1]), document_ids.diff(dim=1).ne(0).long()], 1).cumsum(1)
-        visible = visible & (runs[:, :, None] == runs[:, None, :])[:, None]
-    out = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ vf
-    return out.transpose(1, 2).to(q.dtype)

@@ -81,14 +81,17 @@ def cross_entropy_kernel(
             tl.store(grad_ptr + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < n_cols)
         return
 
-    # 3. Online log-sum-exp over the row: running max m, running Σ exp(z - m).
+    # 3. Online log-sum-exp over the row: running max m, running Σ exp(z - m). While every logit
+    #    so far is -inf (a masked vocabulary), m is -inf and z - m would be -inf - (-inf) = NaN:
+    #    shift by 0 instead, so those blocks add exp(-inf) = 0 (one scalar select per block).
     m = float("-inf")
     d = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         z = tl.load(logits_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
         m = m_new
     lse = m + tl.log(d)
 
@@ -128,48 +131,6 @@ def _launch(logits: Tensor, grad: Tensor, labels: Tensor, grad_scale: Tensor, ig
             BLOCK=_block_size(n_cols), num_warps=NUM_WARPS,
         )  # fmt: skip
     return losses
-
-
-def launch_configs() -> list[LaunchConfig]:
-    """Every config `_launch` can pick: dtype × BLOCK (a power of two ≤ BLOCK_MAX) × V's alignment.
-
-    Triton's JIT specialises on V (= the row strides) being a multiple of 16: then it emits
-    16-byte loads and stores, otherwise 2-byte ones (bf16), a different kernel. Pointers from torch
-    are 16-byte aligned. Real training launches BLOCK_MAX: those configs are compiled in CI.
-    """
-    configs = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        for block in (BLOCK_MAX >> i for i in range(BLOCK_MAX.bit_length())):  # 4096, 2048, …, 1
-            for v16 in (":16", "") if block >= 16 else ("",):  # V ≤ BLOCK < 16 is no multiple of 16
-                args = {
-                    "logits_ptr": f"*{dtype}:16", "logits_row_stride": f"i32{v16}",
-                    "grad_ptr": f"*{dtype}:16", "grad_row_stride": f"i32{v16}",
-                    "labels_ptr": "*i64:16", "loss_ptr": "*fp32:16", "grad_scale_ptr": "*fp32:16",
-                    "n_cols": f"i32{v16}", "ignore_index": "i32",
-                }  # fmt: skip
-                label = f"{dtype} BLOCK={block} V%16{'=0' if v16 else '≠0'}"
-                configs.append(LaunchConfig(
-                    cross_entropy_kernel, label, dtype, args, {"BLOCK": block}, NUM_WARPS, in_ci=block == BLOCK_MAX
-                ))  # fmt: skip
-    return configs
-
-
-def cross_entropy_cost(n_rows: int, n_cols: int, dtype: str) -> Cost:
-    """One launch over (N, V) logits: read every row twice, write its gradient once (3b·N·V bytes,
-    plus labels and losses); ≈ 8 FLOPs per logit (lse pass: max, subtract, exp, add; gradient pass:
-    subtract, exp, subtract the one-hot, scale)."""
-    b = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
-    return Cost(
-        "cross_entropy_kernel",
-        f"N={n_rows} × V={n_cols}, {dtype}",
-        bytes=3 * b * n_rows * n_cols + (8 + 4) * n_rows,
-        fp32_flops=8 * n_rows * n_cols,
-    )
-
-
-def reference_costs() -> list[Cost]:
-    """A step of 8 × 1024 tokens over Qwen3's 151936-token vocabulary."""
-    return [cross_entropy_cost(8192, 151936, dtype) for dtype in ("bf16", "fp32")]
 
 
 def _gradient_scale(labels: Tensor, reduction: str, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -289,7 +250,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         # Always scale (no `== 1` test and its sync): these are N·d and V·d numbers, not N·V, and
-        # in training grad_output is 1/N anyway (loss.py divides the sum by the token count).
+        # in training grad_output is never 1 anyway: 1/N (loss.py divides the sum by the step's
+        # token count), world/N under torchrun (train.py scales each rank's loss by the ranks).
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden.mul_(grad_output)
@@ -314,3 +276,50 @@ def linear_cross_entropy_reference(
 ) -> Tensor:
     """The same maths in plain PyTorch: the full logits, then `cross_entropy_reference`."""
     return cross_entropy_reference(hidden @ weight.T, labels, reduction, ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch metadata: every configuration the wrapper can pick, and what a launch should cost — for
+# scripts/kernel_report.py (see launch.py), declared from the wrapper's own constants.
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """Every config `_launch` can pick: dtype × BLOCK (a power of two ≤ BLOCK_MAX) × V's alignment.
+
+    Triton's JIT specialises on V (= the row strides) being a multiple of 16: then it emits
+    16-byte loads and stores, otherwise 2-byte ones (bf16), a different kernel. Pointers from torch
+    are 16-byte aligned. Real training launches BLOCK_MAX: those configs are compiled in CI.
+    """
+    configs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for block in (BLOCK_MAX >> i for i in range(BLOCK_MAX.bit_length())):  # 4096, 2048, …, 1
+            for v16 in (":16", "") if block >= 16 else ("",):  # V ≤ BLOCK < 16 is no multiple of 16
+                args = {
+                    "logits_ptr": f"*{dtype}:16", "logits_row_stride": f"i32{v16}",
+                    "grad_ptr": f"*{dtype}:16", "grad_row_stride": f"i32{v16}",
+                    "labels_ptr": "*i64:16", "loss_ptr": "*fp32:16", "grad_scale_ptr": "*fp32:16",
+                    "n_cols": f"i32{v16}", "ignore_index": "i32",
+                }  # fmt: skip
+                label = f"{dtype} BLOCK={block} V%16{'=0' if v16 else '≠0'}"
+                configs.append(LaunchConfig(
+                    cross_entropy_kernel, label, dtype, args, {"BLOCK": block}, NUM_WARPS, in_ci=block == BLOCK_MAX
+                ))  # fmt: skip
+    return configs
+
+
+def cross_entropy_cost(n_rows: int, n_cols: int, dtype: str) -> Cost:
+    """One launch over (N, V) logits: read every row twice, write its gradient once (3b·N·V bytes,
+    plus labels and losses); ≈ 8 FLOPs per logit (lse pass: max, subtract, exp, add; gradient pass:
+    subtract, exp, subtract the one-hot, scale)."""
+    b = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    return Cost(
+        "cross_entropy_kernel",
+        f"N={n_rows} × V={n_cols}, {dtype}",
+        bytes=3 * b * n_rows * n_cols + (8 + 4) * n_rows,
+        fp32_flops=8 * n_rows * n_cols,
+    )
+
+
+def reference_costs() -> list[Cost]:
+    """A step of 8 × 1024 tokens over Qwen3's 151936-token vocabulary."""
+    return [cross_entropy_cost(8192, 151936, dtype) for dtype in ("bf16", "fp32")]

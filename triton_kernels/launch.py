@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 from triton.runtime import Autotuner, Heuristics
 
-# H100 SXM ceilings. Copy bandwidth and bf16 matmul rate as measured on this project's H100s
-# (a device-to-device copy, reads + writes; a large bf16 matmul); fp32 is the datasheet's
-# non-tensor rate (elementwise work, exp counted as one FLOP), not measured.
+# H100 SXM ceilings, none measured by this project (no GPU has timed anything yet): practical
+# rates below the datasheet's 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16, at what a device-to-device
+# copy (reads + writes) and a large bf16 matmul are commonly reported to reach; fp32 is the
+# datasheet's non-tensor rate (elementwise work, exp counted as one FLOP).
 H100_BYTES_PER_S = 3.0e12
 H100_TENSOR_FLOPS = 800e12
 H100_FP32_FLOPS = 67e12
