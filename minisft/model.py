@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minisft.functions import rms_norm, swiglu
 from minisft.loss import LOSS_BACKENDS, masked_lm_loss
 from triton_kernels.documents import document_bounds, document_mask
 
@@ -106,7 +107,8 @@ def padded_vocab_size(tokens: int) -> int:
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · g, computed in fp32 (Zhang & Sennrich 2019)."""
+    """y = x / sqrt(mean(x²) + eps) · g, computed in fp32 (Zhang & Sennrich 2019); under autocast y
+    comes out in its dtype, once for every projection that reads it (see functions.py)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -114,9 +116,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rotary_frequencies(config: ModelConfig, device: torch.device | None = None) -> Tensor:
@@ -291,7 +291,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, eq. 6)."""
+    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, eq. 6); silu is recomputed in the backward."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -300,7 +300,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
