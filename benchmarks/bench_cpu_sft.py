@@ -88,8 +88,9 @@ def reset_peak_rss() -> None:
 
 def run_minisft(args: argparse.Namespace, convs: list) -> dict:
     from minisft.chat import ChatML
+    from minisft.distributed import Replica
     from minisft.hf import load_hf
-    from minisft.packing import pad_batch
+    from minisft.packing import Batch, pad_batch
     from minisft.train import TrainConfig, example_stream, learning_rate, make_optimizer, optimizer_step
 
     model, tokenizer, _ = load_hf(args.model_dir)
@@ -101,7 +102,7 @@ def run_minisft(args: argparse.Namespace, convs: list) -> dict:
         first_loss = model.loss(input_ids, labels, n).item()
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=LR, warmup_steps=2, precision=args.precision)
-    optimizer = make_optimizer(model, cfg)
+    replica, optimizer = Replica(model), make_optimizer(model, cfg)
     stream = example_stream(examples, args.batch, cfg.seed)
     model.train()
     reset_peak_rss()
@@ -111,8 +112,8 @@ def run_minisft(args: argparse.Namespace, convs: list) -> dict:
         input_ids, labels = pad_batch(next(stream), tokenizer.pad_id)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        optimizer_step(model, optimizer, [(input_ids, labels)], int((labels != -100).sum()), cfg.grad_clip,
-                       precision=cfg.precision)  # fmt: skip
+        n = int((labels != -100).sum())
+        optimizer_step(replica, optimizer, [Batch(input_ids, labels)], n, cfg.grad_clip, cfg.precision)
         times.append(time.perf_counter() - start)
         tokens.append(int((input_ids != tokenizer.pad_id).sum()))
     ids = [e.input_ids for e in examples[: args.batch]]
