@@ -1,9 +1,13 @@
-"""RMSNorm and SwiGLU with hand-written backwards (minisft/functions.py) against the plain formulas
-left to autograd: values and gradients over dtypes and odd sizes, and what each keeps for the backward."""
+"""What training keeps for the backward: RMSNorm and SwiGLU with hand-written backwards
+(minisft/functions.py) against the plain formulas left to autograd, values and gradients over
+dtypes and odd sizes; and activation checkpointing, which must change the memory, not the maths."""
+
+from dataclasses import replace
 
 import pytest
 import torch
 
+from minisft.chat import Example
 from minisft.functions import rms_norm, rms_norm_reference, swiglu, swiglu_reference
 from minisft.model import ModelConfig, Transformer
 
@@ -78,3 +82,31 @@ def test_a_block_keeps_about_two_thirds_of_what_autograd_alone_would(monkeypatch
     monkeypatch.setattr(minisft.model, "swiglu", swiglu_reference)
     plain = saved_bytes(model, ids)
     assert lean < 0.72 * plain, (lean, plain)
+
+
+def test_activation_checkpointing_keeps_a_fraction_and_computes_the_same(tmp_path):
+    from minisft.train import TrainConfig, train_loop
+
+    config = ModelConfig(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=64)
+    ids = torch.randint(0, 256, (2, 64))
+    torch.manual_seed(0)
+    model = Transformer(config)
+    grads = {}
+    for recompute in (False, True):
+        model.checkpoint_blocks = recompute
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(ids, ids, ids.numel())
+        loss.backward()
+        grads[recompute] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    assert torch.equal(grads[True][0], grads[False][0])
+    for a, b in zip(grads[True][1], grads[False][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    kept = saved_bytes(model, ids)
+    model.checkpoint_blocks = False
+    assert kept < 0.25 * saved_bytes(model, ids)
+
+    examples = [Example(row.tolist(), row.tolist()) for row in torch.randint(0, 256, (8, 32))]
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, eval_every=0, save_every=0)
+    train_loop(model, examples, {}, replace(cfg, activation_checkpointing=True), 0, tmp_path)
+    assert model.checkpoint_blocks  # the loop sets it from train.activation_checkpointing
