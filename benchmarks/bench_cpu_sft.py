@@ -15,8 +15,11 @@ Each side runs in a subprocess of its own, one after the other, so neither's mem
 threads touch the other's:
 
     minisft        `train.optimizer_step`, the step `train_loop` runs, on `pad_batch` micro-batches
-    TRL            `SFTTrainer.train()` with its defaults (gradient checkpointing on, its fused LM head)
-    TRL, no ckpt   the same with gradient_checkpointing=False: the same work per token as minisft
+    minisft-ckpt   the same with train.activation_checkpointing: every block recomputed in the backward
+    trl            `SFTTrainer.train()` with its defaults (gradient checkpointing on, its fused LM head)
+    trl-no-ckpt    the same with gradient_checkpointing=False
+
+so minisft / trl-no-ckpt and minisft-ckpt / trl compare like with like.
 
 tokens/s counts real (non-pad) tokens over the steps after the first (the first pays for warm-up).
 Peak RSS is the process's high-water mark (VmHWM): "peak" over the whole run, imports and loading
@@ -50,7 +53,7 @@ from benchmarks.bench_tokenize import cpu_facts  # noqa: E402
 from benchmarks.common import RESULTS, markdown_table, save_results  # noqa: E402
 from minisft.tickets import make_tickets  # noqa: E402
 
-IMPLS = ("minisft", "trl", "trl-no-ckpt")
+IMPLS = ("minisft", "minisft-ckpt", "trl", "trl-no-ckpt")
 LR = 2e-4
 
 
@@ -86,7 +89,7 @@ def reset_peak_rss() -> None:
 # ---------------------------------------------------------------- the children
 
 
-def run_minisft(args: argparse.Namespace, convs: list) -> dict:
+def run_minisft(args: argparse.Namespace, convs: list, checkpointing: bool) -> dict:
     from minisft.chat import ChatML
     from minisft.distributed import Replica
     from minisft.hf import load_hf
@@ -103,6 +106,7 @@ def run_minisft(args: argparse.Namespace, convs: list) -> dict:
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=LR, warmup_steps=2, precision=args.precision)
     replica, optimizer = Replica(model), make_optimizer(model, cfg)
+    model.checkpoint_blocks = checkpointing  # what train_loop sets from train.activation_checkpointing
     stream = example_stream(examples, args.batch, cfg.seed)
     model.train()
     reset_peak_rss()
@@ -196,8 +200,8 @@ def run_trl(args: argparse.Namespace, convs: list, checkpointing: bool) -> dict:
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     convs = json.loads((Path(args.work) / "records.json").read_text())
-    if args.child == "minisft":
-        result = run_minisft(args, convs)
+    if args.child.startswith("minisft"):
+        result = run_minisft(args, convs, checkpointing=args.child == "minisft-ckpt")
     else:
         result = run_trl(args, convs, checkpointing=args.child == "trl")
     print(json.dumps(result | {"peak_gb": peak_rss_gb()}))
@@ -241,21 +245,35 @@ def run_child(impl: str, args: argparse.Namespace, model_dir: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def summarise(impl: str, r: dict, base: dict) -> dict:
-    tokens, times = sum(r["tokens"][1:]), sum(r["times"][1:])  # the first step is warm-up
-    tps = tokens / times
-    base_tps = sum(base["tokens"][1:]) / sum(base["times"][1:])
+def tokens_per_s(r: dict) -> float:
+    return sum(r["tokens"][1:]) / sum(r["times"][1:])  # the first step is warm-up
+
+
+def summarise(impl: str, r: dict) -> dict:
     return {
         "impl": impl,
-        "tokens/s": f"{tps:.0f}",
-        "minisft ×": f"{base_tps / tps:.2f}",
-        "s/step": f"{times / (len(r['times']) - 1):.2f}",
+        "recompute": "every block" if impl in ("minisft-ckpt", "trl") else "none",
+        "tokens/s": f"{tokens_per_s(r):.0f}",
+        "s/step": f"{sum(r['times'][1:]) / (len(r['times']) - 1):.2f}",
         "peak RSS GB": f"{r['peak_gb']:.2f}",
         "training peak GB": f"{r['training_peak_gb']:.2f}",
-        "÷ minisft's": f"{r['training_peak_gb'] / base['training_peak_gb']:.2f}",
         "first-batch loss": f"{r['first_loss']:.6f}",
         "with \\n masked": f"{r.get('masked_loss', r['first_loss']):.6f}",
     }
+
+
+def comparisons(results: dict) -> str:
+    """minisft's speed and memory over TRL's, like with like and default against default."""
+    lines = []
+    for ours, theirs, what in (
+        ("minisft", "trl-no-ckpt", "neither recomputes"),
+        ("minisft-ckpt", "trl", "both recompute every block"),
+        ("minisft", "trl", "each side's default"),
+    ):
+        a, b = results[ours], results[theirs]
+        speed, memory = tokens_per_s(a) / tokens_per_s(b), a["peak_gb"] / b["peak_gb"]
+        lines.append(f"- {ours} / {theirs} ({what}): {speed:.2f}× the tokens/s, {memory:.2f}× the peak RSS")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -292,7 +310,7 @@ def main() -> None:
     # input_ids stop before it (it is no token's label).
     same_ids = all(a == b[:-1] for a, b in zip(ours["ids"], trl["ids"], strict=True))
     gap = abs(trl["masked_loss"] - ours["first_loss"])
-    rows = [summarise(impl, results[impl], ours) for impl in IMPLS]
+    rows = [summarise(impl, results[impl]) for impl in IMPLS]
     import transformers
     import trl as trl_package
 
@@ -314,9 +332,10 @@ def main() -> None:
         f"Same token ids on both sides (TRL's with the trailing \\n): {'yes' if same_ids else 'NO'}. "
         f"|TRL masked − minisft| first-batch loss: {gap:.1e}."
     )
-    print(table + "\n\n" + checks)
+    text = f"{table}\n\n{comparisons(results)}\n\n{checks}"
+    print(text)
     common.RESULTS = Path(args.results)  # save_results writes there
-    save_results("cpu_sft", facts, rows, table + "\n\n" + checks)
+    save_results("cpu_sft", facts, rows, text)
     if not same_ids or gap > 1e-4:
         sys.exit("the two sides do not compute the same first-batch loss: see above")
 

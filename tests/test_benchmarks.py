@@ -86,7 +86,7 @@ def test_cpu_sft_benchmark_quick_mode_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Same token ids on both sides (TRL's with the trailing \\n): yes" in result.stdout
     rows = json.loads((tmp_path / "cpu_sft.json").read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["minisft", "trl", "trl-no-ckpt"]
-    ours, trl = rows[0], rows[1]
+    assert [r["impl"] for r in rows] == ["minisft", "minisft-ckpt", "trl", "trl-no-ckpt"]
+    ours, trl = rows[0], rows[2]
     assert abs(float(trl["with \\n masked"]) - float(ours["first-batch loss"])) < 1e-4
     assert float(trl["first-batch loss"]) != float(trl["with \\n masked"])  # the extra target is real
