@@ -9,8 +9,8 @@ What the promise of SFT looks like on a real model, every number measured in the
    training tickets, 200 held out — half of those in sentences no training ticket uses.
 2. Base: greedy answers to the 200 held-out tickets, scored by parsing the JSON; the loss on
    training and held-out answers; the plain-text loss on 55 paragraphs of *Alice's Adventures in
-   Wonderland* (`texts/`, in no training set here); and a dozen general questions.
-3. SFT: every weight trained, loss on the answers only, `EPOCHS` epochs; the losses after each.
+   Wonderland* (`texts/`, in no training set here); and 14 general questions.
+3. SFT: every weight trained, loss on the answers only, 2 epochs; the losses after each.
 4. After: the same measurements. The table shows the gain (held-out score), the overfitting
    signal (train vs held-out loss per epoch) and the forgetting (plain-text loss, general questions).
 
@@ -18,13 +18,13 @@ Choices, each for a reason:
 - Every ticket conversation opens with the task's own system prompt. SmolLM2's chat template adds
   "You are a helpful AI assistant named SmolLM, trained by Hugging Face" as the system turn only
   when a conversation has none, so with one, its template and minisft's ChatML give the same ids.
-  General questions go without a system turn, as `python -m minisft chat` asks them (SmolLM2 gets
-  more of them right that way than with its default system turn).
+  General questions go without a system turn, as `python -m minisft chat` asks them (the base
+  SmolLM2 gets 12 of the 14 right either way, with or without its default system turn).
 - bf16 autocast on the CPU (`train.precision = "bf16"`): ~1.7x faster matmuls where the CPU has
   AMX or AVX-512 bf16; weights and AdamW state stay fp32.
 - Tickets are ~115 tokens: packed into rows of 512 (best-fit, document masks), so no step pays for padding.
-- Threads are set once, to `--threads` (default: the cores this process may use). On a machine
-  other jobs are busy on, one thread can be several times faster than two.
+- Threads: `--threads` (default 1, as train.threads: on a machine other jobs keep busy, one
+  thread was several times faster than two; on a machine of one's own, try 2).
 Everything is seeded: two runs with the same threads print the same numbers.
 """
 
@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 from minisft.chat import ChatFormat, Example, make_chat_format, render_text
-from minisft.config import ConfigError
 from minisft.demo import write_jsonl
+from minisft.errors import ConfigError
 from minisft.generate import generate_greedy
 from minisft.model import Transformer
 from minisft.packing import pack_examples
@@ -86,7 +86,7 @@ class RealDemoConfig:
     pack_to: int = 512
     lr: float = 2e-4  # full fine-tuning of a 135M model: 1e-4 to 3e-4 learns the task in a few hundred steps
     warmup_steps: int = 10
-    threads: int = 0  # 0: the cores this process may use
+    threads: int = 1  # torch threads (0: torch's default, one per core), as train.threads
     general_questions: int = len(GENERAL_QUESTIONS)
     max_plain_text_tokens: int = 256  # a paragraph longer than this is cut
 
@@ -179,11 +179,11 @@ def epoch_losses(metrics_file: Path, steps_per_epoch: int) -> list[dict[str, flo
 
 
 def run_real_demo(cfg: RealDemoConfig = RealDemoConfig()) -> dict:
-    threads = cfg.threads or len(os.sched_getaffinity(0))
     saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, threads)
+        return _run(cfg, torch.get_num_threads())
     finally:
         torch.set_num_threads(saved_threads)
 
@@ -231,6 +231,7 @@ def _run(cfg: RealDemoConfig, threads: int) -> dict:
         log_every=5,
         seed=cfg.seed,
         save_every=0,  # the demo keeps no checkpoints: it measures
+        threads=threads,
         precision="bf16",
     )
     base_losses = {name: evaluate(model, ex, tokenizer.pad_id, 16, "bf16") for name, ex in eval_sets.items()}
