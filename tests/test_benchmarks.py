@@ -73,8 +73,8 @@ def test_threads_benchmark_row_runs_and_reports_the_thread_count():
 @pytest.mark.slow
 def test_cpu_sft_benchmark_quick_mode_runs(tmp_path):
     """minisft vs TRL on a tiny random model with SmolLM2's tokenizer: the same token ids on both
-    sides, and TRL's first-batch loss with its extra "\\n" target masked equals minisft's. (~90 s:
-    three processes importing torch, two of them transformers and TRL.)"""
+    sides, and TRL's first-batch loss with its extra "\\n" target masked equals minisft's. (25 s at
+    load 1, 90 s at load 5: four processes importing torch, two of them transformers and TRL.)"""
     pytest.importorskip("trl", reason="TRL is the benchmark's reference: pip install 'minisft[bench]'")
     from minisft.gguf import packaged_smollm2
 
