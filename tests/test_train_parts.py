@@ -13,7 +13,7 @@ from minisft.chat import Example
 from minisft.checkpoint import load_model, save_model
 from minisft.generate import generate_greedy
 from minisft.model import ModelConfig, Transformer
-from minisft.packing import pad_batch
+from minisft.packing import Batch, pad_batch
 from minisft.tokenizer import Tokenizer
 from minisft.train import TrainConfig, evaluate, example_stream, learning_rate, train_loop
 
@@ -278,3 +278,37 @@ def test_peak_flops_by_device():
         assert next(v for k, v in GPU_PEAK_FLOPS.items() if k in name) == peak, name
     cpu = peak_flops(torch.device("cpu"))
     assert 1e9 < cpu < 1e13 and cpu == measured_cpu_peak(torch.get_num_threads())  # measured once per process
+
+
+def test_bf16_precision_on_a_cpu_autocasts_each_forward_and_never_reads_stale_weights():
+    """train.precision = "bf16" runs a CPU forward in bf16 (its loss differs from fp32's, and equals an
+    explicit autocast's) while the weights stay fp32; two steps in a row each see the updated weights —
+    which a loop inside one autocast context would not (autocast caches its bf16 weight copies)."""
+    from minisft.distributed import Replica
+    from minisft.train import make_optimizer, optimizer_step
+
+    ids = torch.randint(0, 64, (2, 16))
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model = tiny_model(scale=2.0)
+        losses[precision] = evaluate(model, [Example(r.tolist(), r.tolist()) for r in ids], 0, 2, precision)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = tiny_model(scale=2.0).loss(ids, ids, ids.numel()).item()
+    assert losses["bf16"] == pytest.approx(expected, rel=1e-6) and losses["bf16"] != losses["fp32"]
+
+    def two_steps(model, precision):
+        optimizer = make_optimizer(model, TrainConfig(lr=1e-2, warmup_steps=1))
+        batch = [Batch(ids, ids)]
+        return [optimizer_step(Replica(model), optimizer, batch, ids.numel(), 1.0, precision)[0] for _ in "ab"]
+
+    model = tiny_model(scale=2.0)
+    first, second = two_steps(model, "bf16")
+    assert model.embed_tokens.weight.dtype == torch.float32 and second < first - 0.05
+    stale = tiny_model(scale=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the bug the per-forward autocast avoids
+        stale_first, stale_second = two_steps(stale, "fp32")
+    # Same first step; the second reads the projections' first-step bf16 copies (only the embedding
+    # and norm gains, which autocast does not cast, have moved).
+    assert stale_first == first and abs(stale_second - second) > 1e-3
+    with pytest.raises(ValueError, match="train.precision"):
+        TrainConfig(precision="fp16")
