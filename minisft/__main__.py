@@ -5,6 +5,7 @@
   python -m minisft train --config FILE.toml [--section.key VALUE ...]   fine-tune (train --help: every key)
   python -m minisft train --init MODEL_DIR ...           fine-tune a pretrained model (HF, GGUF or minisft)
   python -m minisft train --resume RUN_DIR               continue a run from its newest checkpoint
+  python -m minisft dpo --config FILE.toml --init SFT_RUN   preference tuning (train with objective = "dpo")
   python -m minisft data check FILE [--tokenizer PATH]   the data's quality report
   python -m minisft chat MODEL [--prompt TEXT]           talk to a model in its own chat format
   python -m minisft export MODEL OUT                     write a Hugging Face folder, or OUT.gguf
@@ -93,8 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         epilog=config_help(),
         formatter_class=raw,
     )
-    train.add_argument("--config", help="TOML file; any key below can also be given as --section.key VALUE")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
+    dpo = commands.add_parser(
+        "dpo",
+        help="preference tuning (DPO) of a model: train with objective = 'dpo', same keys and flags",
+        description="DPO on prompt/chosen/rejected records (minisft/preference.py): train's keys, objective = 'dpo'.",
+        epilog=config_help(),
+        formatter_class=raw,
+    )
+    for command in (train, dpo):
+        command.add_argument("--config", help="TOML file; any key below can also be given as --section.key VALUE")
+        command.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
     data = commands.add_parser("data", help="inspect a data file").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="quality report: layouts, bad records, duplicates, lengths")
     check.add_argument("file", help="JSONL or JSON file of records")
@@ -132,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 run_demo()
         else:
+            if args.command == "dpo" and not args.resume:
+                rest = [*rest, "--objective", "dpo"]
             config = resume_config(args.resume, args.config, rest) if args.resume else load_config(args.config, rest)
+            if args.command == "dpo" and config.objective != "dpo":
+                raise ConfigError(f"{args.resume}: a run of objective {config.objective!r}; resume it with train")
             recipe.train(config=config, resume=bool(args.resume))
     except DivergedError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -35,12 +35,12 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
 class Pair:
-    """One preference: `chosen` and `rejected` share their prompt tokens; `index` is the pair's
-    place in its file's kept pairs (where its reference log-probs are stored)."""
+    """One preference: `chosen` and `rejected` share their prompt tokens. `reference` is the
+    reference model's (log π_ref(chosen|x), log π_ref(rejected|x)), filled in before training (dpo.py)."""
 
     chosen: Example
     rejected: Example
-    index: int
+    reference: tuple[float, float] | None = None
 
 
 def _text(value: object, where: str, name: str) -> str:
@@ -147,7 +147,7 @@ def load_pairs(
         if what:
             setattr(report, counters[what], getattr(report, counters[what]) + 1)
         if good is not None and bad is not None:
-            pairs.append(Pair(good, bad, len(pairs)))
+            pairs.append(Pair(good, bad))
     report.examples = len(pairs)
     return pairs, report
 

@@ -340,7 +340,7 @@ def test_training_step_with_triton_backend_equals_torch_backend():
         # SGD, not AdamW: Adam's g / sqrt(v) turns a 1e-9 difference in a ~0 gradient into a full step.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         batches = [Batch(input_ids[:2], labels[:2]), Batch(input_ids[2:], labels[2:])]  # accumulation, as in training
-        losses[kernels], norms[kernels] = optimizer_step(Replica(model), optimizer, batches, num_trained, grad_clip=1.0)
+        losses[kernels], norms[kernels], _ = optimizer_step(Replica(model), optimizer, batches, num_trained, grad_clip=1.0)
     torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(norms["triton"], norms["torch"], atol=1e-6, rtol=1e-6)
     for (name, p_torch), p_triton in zip(
