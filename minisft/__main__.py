@@ -2,6 +2,7 @@
 
   python -m minisft demo                                 pre-train, then SFT, a tiny model on the CPU
   python -m minisft demo --model smollm2                 SFT of SmolLM2-135M on support tickets, measured
+  python -m minisft demo --model smollm2 --dpo           SFT, then DPO teaching a preference SFT never saw
   python -m minisft train --config FILE.toml [--section.key VALUE ...]   fine-tune (train --help: every key)
   python -m minisft train --init MODEL_DIR ...           fine-tune a pretrained model (HF, GGUF or minisft)
   python -m minisft train --resume RUN_DIR               continue a run from its newest checkpoint
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain, on the CPU")
     demo.add_argument("--model", help="the real-model demo instead: 'smollm2' (SmolLM2-135M-Instruct) or a model path")
     demo.add_argument("--threads", type=int, default=1, help="torch threads for --model (0: one per core)")
+    demo.add_argument("--dpo", action="store_true", help="with --model: SFT, then DPO for a preference SFT never saw")
     train = commands.add_parser(
         "train",
         help="supervised fine-tuning from a TOML config and --section.key VALUE flags",
@@ -132,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             if rest:
                 raise ConfigError(f"demo takes no options, got {' '.join(rest)}")
-            if args.model:
+            if args.dpo:
+                from minisft.demo_dpo import DPODemoConfig, run_dpo_demo
+
+                run_dpo_demo(DPODemoConfig(model=args.model or "smollm2", threads=args.threads))
+            elif args.model:
                 from minisft.demo_real import RealDemoConfig, run_real_demo
 
                 run_real_demo(RealDemoConfig(model=args.model, threads=args.threads))
