@@ -116,7 +116,9 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
             result = {"general": general_answers(model, chat, questions), "losses": losses}
         else:
             result = measure(model, chat, heldout, questions, losses)
-            result["compact"] = sum(a == compact(a) if valid_json(a) else False for a in result["answers"]) / len(heldout)
+            result["compact"] = sum(a == compact(a) if valid_json(a) else False for a in result["answers"]) / len(
+                heldout
+            )
             result["preference"] = preference_accuracy(model, heldout_pairs, pad)
         phases.done(f"{name} measured")
         return result
@@ -163,7 +165,12 @@ def valid_json(text: str) -> bool:
 def print_results(base: dict, sft: dict, dpo: dict, questions: tuple, heldout: list[Ticket]) -> None:
     n = len(heldout)
     rows = [
-        ("held-out preference accuracy", sft["preference"], dpo["preference"], f"log π(compact) > log π(spaced), {n} pairs"),
+        (
+            "held-out preference accuracy",
+            sft["preference"],
+            dpo["preference"],
+            f"log π(compact) > log π(spaced), {n} pairs",
+        ),
         ("  implicit reward accuracy", None, dpo["implicit"]["reward_accuracy"], "β·log π/π_ref: chosen > rejected"),
         ("answers written compact", sft["compact"], dpo["compact"], f"greedy, {n} held-out tickets"),
         ("held-out tickets, exact JSON", sft["score"]["exact"], dpo["score"]["exact"], "all 3 fields right"),
@@ -179,4 +186,5 @@ def print_results(base: dict, sft: dict, dpo: dict, questions: tuple, heldout: l
     loss = [r["losses"]["plain_text"] for r in (base, sft, dpo)]
     print(f"{'plain-text loss (Alice)':32}{loss[0]:>8.3f}{loss[1]:>12.3f}{loss[2]:>12.3f}   rise = forgetting")
     for i in (0, 1):
-        print(f"\nheld-out ticket: {heldout[i].text}\n  after SFT: {sft['answers'][i]!r}\n  after DPO: {dpo['answers'][i]!r}")
+        print(f"\nheld-out ticket: {heldout[i].text}")
+        print(f"  after SFT: {sft['answers'][i]!r}\n  after DPO: {dpo['answers'][i]!r}")

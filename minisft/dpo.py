@@ -44,7 +44,7 @@ from minisft.errors import ConfigError
 from minisft.model import Transformer
 from minisft.packing import pad_batch
 from minisft.preference import Pair
-from minisft.train import Objective, autocast, count_tokens, evaluate
+from minisft.train import Objective, autocast, count_tokens
 
 LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCE_FILE = "reference_logps.json"
@@ -115,9 +115,16 @@ class DPOObjective(Objective):
         """(2P,) policy and reference log-probs -> (per-pair losses, per-pair statistics as `stats`)."""
         n = len(logps) // 2
         reference = reference.to(logps.device)
-        losses, chosen_reward, rejected_reward = dpo_losses(logps[:n], logps[n:], reference[:n], reference[n:], self.cfg)
+        losses, chosen_reward, rejected_reward = dpo_losses(
+            logps[:n], logps[n:], reference[:n], reference[n:], self.cfg
+        )
         logps = logps.detach()
-        return losses, [(chosen_reward > rejected_reward).float(), chosen_reward - rejected_reward, logps[:n], logps[n:]]
+        return losses, [
+            (chosen_reward > rejected_reward).float(),
+            chosen_reward - rejected_reward,
+            logps[:n],
+            logps[n:],
+        ]
 
     def loss(self, replica: Replica, batch: PairBatch, normaliser: int) -> tuple[Tensor, list[Tensor]]:
         logps = replica.run("sequence_log_probs", batch.input_ids, batch.labels)
@@ -125,7 +132,9 @@ class DPOObjective(Objective):
         return losses.sum() / normaliser, [s.sum() / normaliser for s in stats]
 
     @torch.no_grad()
-    def evaluate(self, model: Transformer, items: list, pad_id: int, batch_size: int, precision: str) -> dict[str, float]:
+    def evaluate(
+        self, model: Transformer, items: list, pad_id: int, batch_size: int, precision: str
+    ) -> dict[str, float]:
         """Held-out pairs -> mean loss and statistics; plain-text examples (forgetting) -> their SFT loss."""
         if isinstance(items[0], Example):
             return super().evaluate(model, items, pad_id, batch_size, precision)
@@ -144,7 +153,9 @@ class DPOObjective(Objective):
 
 
 @torch.no_grad()
-def reference_log_probs(model: Transformer, pairs: list[Pair], pad_id: int, batch_size: int, precision: str) -> list[Pair]:
+def reference_log_probs(
+    model: Transformer, pairs: list[Pair], pad_id: int, batch_size: int, precision: str
+) -> list[Pair]:
     """The pairs with `reference` filled in by `model` as it is now (before DPO), in eval mode."""
     device, was_training = model.embed_tokens.weight.device, model.training
     model.eval()
@@ -161,7 +172,14 @@ def reference_log_probs(model: Transformer, pairs: list[Pair], pad_id: int, batc
 
 
 def with_reference(
-    model: Transformer, sets: dict[str, list], run_dir: Path, resume: bool, pad_id: int, batch_size: int, precision: str, write: bool
+    model: Transformer,
+    sets: dict[str, list],
+    run_dir: Path,
+    resume: bool,
+    pad_id: int,
+    batch_size: int,
+    precision: str,
+    write: bool,
 ) -> dict[str, list]:
     """Every pair set with its reference log-probs: computed now and written to run_dir (write: rank
     0), or, on resume, read back from there (the reference model's weights are gone by then)."""

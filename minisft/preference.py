@@ -58,7 +58,7 @@ def _messages(value: object, where: str, name: str, role: str = "user") -> list[
     messages = []
     for i, turn in enumerate(value):
         if not isinstance(turn, dict) or turn.get("role") not in ROLES:
-            raise DataError(f"{where}: {name}[{i}]: expected {{\"role\": one of {ROLES}, \"content\": ...}}", "wrong field")
+            raise DataError(f'{where}: {name}[{i}]: expected {{"role": one of {ROLES}, "content": ...}}', "wrong field")
         messages.append({"role": turn["role"], "content": _text(turn.get("content"), where, f"{name}[{i}].content")})
     return messages
 
@@ -69,7 +69,9 @@ def split_record(record: object, where: str) -> tuple[list[dict], dict, dict]:
         raise DataError(f"{where}: expected a JSON object", "wrong field")
     for side in ("chosen", "rejected"):
         if side not in record:
-            raise DataError(f"{where}: {side}: missing (a preference record needs chosen and rejected)", "missing field")
+            raise DataError(
+                f"{where}: {side}: missing (a preference record needs chosen and rejected)", "missing field"
+            )
     if "prompt" in record:
         prompt = _messages(record["prompt"], where, "prompt")
         chosen = _messages(record["chosen"], where, "chosen", "assistant")
@@ -91,7 +93,9 @@ def split_record(record: object, where: str) -> tuple[list[dict], dict, dict]:
     for side, turns in answers.items():
         if len(turns) != 1 or turns[0]["role"] != "assistant":
             what = "nothing" if not turns else f"{len(turns)} turns ({', '.join(t['role'] for t in turns)})"
-            raise DataError(f"{where}: {side}: expected one assistant answer after the prompt, got {what}", "wrong field")
+            raise DataError(
+                f"{where}: {side}: expected one assistant answer after the prompt, got {what}", "wrong field"
+            )
         if not turns[0]["content"].strip():
             raise DataError(f"{where}: {side}: empty answer (nothing to compare)", "empty answer")
     if chosen == rejected:
@@ -104,7 +108,9 @@ def prompt_length(example: Example) -> int:
     return next((t for t, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels)) + 1
 
 
-def render_pair(answer_only: ChatFormat, prompt: list[dict], chosen: dict, rejected: dict, where: str) -> tuple[Example, Example]:
+def render_pair(
+    answer_only: ChatFormat, prompt: list[dict], chosen: dict, rejected: dict, where: str
+) -> tuple[Example, Example]:
     """Render both conversations; the prompt tokens must agree. answer_only trains the last turn only."""
     try:
         good, bad = answer_only.render_many([[*prompt, chosen], [*prompt, rejected]])
@@ -150,4 +156,3 @@ def load_pairs(
             pairs.append(Pair(good, bad))
     report.examples = len(pairs)
     return pairs, report
-

@@ -235,7 +235,9 @@ class Objective:
     def loss(self, replica: Replica, batch: Batch, normaliser: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return replica.loss(batch.input_ids, batch.labels, normaliser, batch.position_ids, batch.document_ids), []
 
-    def evaluate(self, model: Transformer, items: list, pad_id: int, batch_size: int, precision: str) -> dict[str, float]:
+    def evaluate(
+        self, model: Transformer, items: list, pad_id: int, batch_size: int, precision: str
+    ) -> dict[str, float]:
         """-> {"": held-out loss} and any other held-out number, by name."""
         return {"": evaluate(model, items, pad_id, batch_size, precision)}
 
@@ -320,7 +322,9 @@ def train_loop(
                 for name, ex in eval_sets.items()
             }
             last_eval = {name: values[""] for name, values in found.items()}
-            books.evaluated(last_eval, {f"{what}/{name}": v for name, vs in found.items() for what, v in vs.items() if what})
+            books.evaluated(
+                last_eval, {f"{what}/{name}": v for name, vs in found.items() for what, v in vs.items() if what}
+            )
         stop_early = books.should_stop_early()
         if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop_early):
             books.save_step()

@@ -230,8 +230,12 @@ def test_linear_log_probs_sum_each_sequence_like_full_logits(dtype):
     torch.testing.assert_close(ours_w.grad.float(), ref_w.grad, atol=tol, rtol=tol)
     # The reference itself against a by-hand sum of log_softmax picks (fp32).
     logp = torch.log_softmax(hidden.float() @ weight.float().T, -1)
-    by_hand = [sum(logp[b, t, labels[b, t]].item() for t in range(length) if labels[b, t] != -100) for b in range(batch)]
-    torch.testing.assert_close(linear_log_probs_reference(hidden.float(), weight.float(), labels), torch.tensor(by_hand))
+    by_hand = [
+        sum(logp[b, t, labels[b, t]].item() for t in range(length) if labels[b, t] != -100) for b in range(batch)
+    ]
+    torch.testing.assert_close(
+        linear_log_probs_reference(hidden.float(), weight.float(), labels), torch.tensor(by_hand)
+    )
 
 
 @pytest.mark.usefixtures("two_row_chunks")
@@ -340,7 +344,9 @@ def test_training_step_with_triton_backend_equals_torch_backend():
         # SGD, not AdamW: Adam's g / sqrt(v) turns a 1e-9 difference in a ~0 gradient into a full step.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         batches = [Batch(input_ids[:2], labels[:2]), Batch(input_ids[2:], labels[2:])]  # accumulation, as in training
-        losses[kernels], norms[kernels], _ = optimizer_step(Replica(model), optimizer, batches, num_trained, grad_clip=1.0)
+        losses[kernels], norms[kernels], _ = optimizer_step(
+            Replica(model), optimizer, batches, num_trained, grad_clip=1.0
+        )
     torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(norms["triton"], norms["torch"], atol=1e-6, rtol=1e-6)
     for (name, p_torch), p_triton in zip(

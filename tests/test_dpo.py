@@ -3,6 +3,7 @@ preference data's layouts, masks and bad input, and the `dpo` command (metrics, 
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,9 @@ def test_dpo_losses_equal_the_papers_formulas_by_hand():
     assert ipo.item() == pytest.approx((margin - 1 / (2 * beta)) ** 2, rel=1e-6)
 
 
-@pytest.mark.parametrize("bad", [{"beta": 0}, {"loss_type": "hinge"}, {"label_smoothing": 0.5}, {"loss_type": "ipo", "label_smoothing": 0.1}])
+@pytest.mark.parametrize(
+    "bad", [{"beta": 0}, {"loss_type": "hinge"}, {"label_smoothing": 0.5}, {"loss_type": "ipo", "label_smoothing": 0.1}]
+)
 def test_dpo_config_refuses_bad_values(bad):
     with pytest.raises(ValueError, match="dpo."):
         DPOConfig(**bad)
@@ -143,22 +146,31 @@ def test_three_layouts_give_the_same_pairs_with_only_the_answer_trained(tmp_path
 
 
 def test_a_multi_turn_prompt_trains_only_the_final_answer(tmp_path):
-    turns = [{"role": "user", "content": "sort b a"}, {"role": "assistant", "content": "a b"}, {"role": "user", "content": "sort c b"}]
-    record = {"chosen": [*turns, {"role": "assistant", "content": "b c"}], "rejected": [*turns, {"role": "assistant", "content": "no"}]}
+    turns = [
+        {"role": "user", "content": "sort b a"},
+        {"role": "assistant", "content": "a b"},
+        {"role": "user", "content": "sort c b"},
+    ]
+    record = {
+        "chosen": [*turns, {"role": "assistant", "content": "b c"}],
+        "rejected": [*turns, {"role": "assistant", "content": "no"}],
+    }
     (pair,), _ = load_pairs(write(tmp_path, [record]), ChatML(TOKENIZER), 64)
     assert [t for t in pair.chosen.labels if t != IGNORE_INDEX] == TOKENIZER.encode("b c") + [ChatML(TOKENIZER).end_id]
 
 
+USER = {"role": "user", "content": "x"}
 BAD = [
     ({"prompt": "sort a b", "chosen": "a b"}, "rejected: missing"),
     ({"prompt": "sort a b", "chosen": "a b", "rejected": "a b"}, "chosen: the same as rejected"),
     ({"prompt": "sort a b", "chosen": "  ", "rejected": "no"}, "chosen: empty answer"),
     ({"prompt": "sort a b", "chosen": "a b", "rejected": 3}, "rejected: expected a string"),
     ({"chosen": "a b", "rejected": "no"}, "prompt: missing"),
-    ({"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "wizard", "content": "a"}], "rejected": "no"}, r"chosen\[0\]: expected"),
-    ({"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "user", "content": "y"}, {"role": "assistant", "content": "b"}]}, "chosen: shares no prompt"),
-    ({"prompt": "x", "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}], "rejected": "no"},
+    ({"prompt": [USER], "chosen": [{"role": "wizard", "content": "a"}], "rejected": "no"}, r"chosen\[0\]: expected"),
+    ({"chosen": [USER, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "y"}, {"role": "assistant", "content": "b"}]},
+     "chosen: shares no prompt"),
+    ({"prompt": "x", "chosen": [{"role": "assistant", "content": "a"}, USER], "rejected": "no"},
      "chosen: expected one assistant answer after the prompt, got 2 turns"),
     ("{not json", "invalid JSON"),
 ]  # fmt: skip
@@ -184,7 +196,9 @@ def test_a_prompt_rendered_differently_per_answer_is_refused(tmp_path):
             return ["long"] if len(messages[-1]["content"]) > 3 else []
 
     with pytest.raises(DataError, match=r":1: prompt: renders differently before chosen and before rejected"):
-        load_pairs(write(tmp_path, [{"prompt": "sort c a b", "chosen": "a b c", "rejected": "no"}]), Moody(TOKENIZER), 64)
+        load_pairs(
+            write(tmp_path, [{"prompt": "sort c a b", "chosen": "a b c", "rejected": "no"}]), Moody(TOKENIZER), 64
+        )
 
 
 def test_too_long_pairs_are_dropped_or_truncated_before_masking_and_counted(tmp_path):
@@ -214,8 +228,8 @@ def dpo_files(folder: Path, extra: str = "") -> Path:
         f'[data]\ntrain_file = "{folder / "train.jsonl"}"\neval_file = "{folder / "eval.jsonl"}"\n'
         f'tokenizer = "{folder / "tok"}"\ncache_dir = ""\nplain_text_eval = "{folder / "text.txt"}"\n'
         "[model]\nvocab_size = 300\ndim = 32\nn_layers = 1\nffn_dim = 64\n"
-        "[train]\nsteps = 4\nbatch_size = 4\neval_every = 2\nlog_every = 1\nsave_every = 2\nlr = 1e-2\nwarmup_steps = 1\n"
-        + extra
+        "[train]\nsteps = 4\nbatch_size = 4\neval_every = 2\nlog_every = 1\nsave_every = 2\nlr = 1e-2\n"
+        "warmup_steps = 1\n" + extra
     )
     return config
 
@@ -238,7 +252,7 @@ def test_dpo_command_logs_rewards_stores_the_reference_and_resumes(tmp_path, cap
     assert steps[-1]["reward_accuracy"] > 0.5 and evals[-1]["reward_accuracy/heldout"] > 0.5  # it learns
     stored = json.loads((run_dir / "reference_logps.json").read_text())
     assert len(stored["train"]) == 24 and len(stored["heldout"]) == 6
-    assert "objective = \"dpo\"" in (run_dir / "config.toml").read_text()
+    assert 'objective = "dpo"' in (run_dir / "config.toml").read_text()
     straight = metrics(run_dir)
 
     # a crash after step 2's checkpoint: resume redoes steps 3-4 with the stored reference, the same numbers
@@ -256,6 +270,75 @@ def test_dpo_command_bad_data_is_one_line_and_exit_2(tmp_path, capsys):
     write(tmp_path, [RECORDS[0], {"prompt": "x", "chosen": "a"}], "train.jsonl")
     assert main(["dpo", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"error: {tmp_path / 'train.jsonl'}:2: rejected: missing (a preference record needs chosen and rejected)"
-    assert main(["dpo", "--config", str(config), "--data.on_error", "skip", "--train.steps", "1", "--out_dir", str(tmp_path / "r2")]) == 0
+    assert (
+        err.strip()
+        == f"error: {tmp_path / 'train.jsonl'}:2: rejected: missing (a preference record needs chosen and rejected)"
+    )
+    assert (
+        main(
+            [
+                "dpo",
+                "--config",
+                str(config),
+                "--data.on_error",
+                "skip",
+                "--train.steps",
+                "1",
+                "--out_dir",
+                str(tmp_path / "r2"),
+            ]
+        )
+        == 0
+    )
     assert "1 bad records skipped (1 missing field)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- data parallel
+
+DPO_ONE = TrainConfig(steps=3, batch_size=2, grad_accum=4, lr=1e-2, warmup_steps=1, log_every=1, save_every=0)
+
+
+def dpo_run(run_dir: str, cfg: TrainConfig):
+    from minisft.train import train_loop
+
+    pairs, _ = load_pairs(
+        write(Path(run_dir).parent, RECORDS * 3, Path(run_dir).name + ".jsonl"), ChatML(TOKENIZER), 64
+    )
+    model = tiny_model(vocab_size=300, seed=4)
+    pairs = reference_log_probs(model, pairs, 0, 8, "fp32")
+    train_loop(model, pairs, {}, cfg, 0, run_dir, "dpo", objective=DPOObjective(DPOConfig(beta=0.5)))
+    return model
+
+
+def dpo_rank_main(rank: int, world: int, store: str, run_dir: str, weights: str) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = dpo_run(run_dir, replace(DPO_ONE, grad_accum=2))
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~15 s: two processes start torch
+def test_dpo_on_two_ranks_equals_one_process_with_accumulation(tmp_path):
+    """DDP: 2 ranks × 2 micro-batches of pairs train the weights of 1 process accumulating 4; the pair
+    count that normalises the loss is summed over ranks."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    weights = tmp_path / "ddp.safetensors"
+    mp.spawn(dpo_rank_main, args=(2, str(tmp_path / "store"), str(tmp_path / "ddp"), str(weights)), nprocs=2, join=True)
+    single = dpo_run(str(tmp_path / "single"), DPO_ONE)
+    ddp = load_file(str(weights))
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(ddp[name], value, atol=1e-6, rtol=0, msg=name)
+    a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
+    assert [r["step"] for r in a] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-6)
+        assert x["reward_margin"] == pytest.approx(y["reward_margin"], abs=1e-6)

@@ -29,6 +29,15 @@ immediately consumed by two matmuls, ∂hidden = ∂logits · W and ∂W += ∂l
 full (N, V) logits never exist. Extra memory: one chunk's logits (CHUNK_BYTES, 256 MiB), ∂hidden,
 and ∂W in fp32 (V·d·4 bytes, 1 GiB at 128k × 2048), held from forward to backward.
 
+Per-row mode (reduction='none', DPO's per-token log-probs, `linear_log_probs` sums them per
+sequence): the upstream gradient is one factor per row, g_r = ∂L/∂loss_r, known only after the
+whole loss is — DPO's ∂L/∂log π(y|x) depends on every token of both sequences. So the forward
+keeps only the losses (the kernel still writes a gradient in place, discarded: one extra pass over
+a chunk's logits, small beside its matmul), and the backward recomputes each chunk's logits and
+runs the kernel with `grad_scale_ptr` pointing at the chunk's g_r, then the two matmuls as above:
+∂logits_r = g_r · (softmax(z_r) − onehot(y_r)). Cost: 4 matmuls per chunk instead of 3; memory:
+still one chunk's logits, and ∂W only during the backward.
+
 Not implemented, on purpose: label smoothing and z-loss (SFT here does not use them, and each
 would add a term to every line of the kernel).
 """
@@ -220,7 +229,13 @@ def _chunk_rows(n_rows: int, vocab: int, element_size: int) -> int:
 
 
 def _fused_chunks(
-    hidden: Tensor, weight: Tensor, labels: Tensor, grad_scale: Tensor, ignore_index: int, dtype: torch.dtype, grads: bool
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    grad_scale: Tensor,
+    ignore_index: int,
+    dtype: torch.dtype,
+    grads: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One pass over the rows, a chunk at a time: logits = h·Wᵀ, the kernel (losses, and ∂logits in
     place), then — with grads — ∂hidden = ∂logits·W and ∂W += ∂logitsᵀ·h. -> (losses (N,) fp32,
@@ -314,7 +329,9 @@ def linear_cross_entropy(
 def linear_log_probs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Per-sequence Σ log p(label) over the non-ignored positions, from hidden states and the head
     weight, without the logits: hidden (B, T, d), labels (B, T) -> (B,) fp32 (DPO's log π(y|x))."""
-    losses = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), "none", ignore_index)
+    losses = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), "none", ignore_index
+    )
     return -losses.view(labels.shape).sum(-1)
 
 
