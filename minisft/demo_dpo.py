@@ -25,14 +25,21 @@ from pathlib import Path
 
 import torch
 
-from minisft.chat import ChatFormat, make_chat_format, render_text
+from minisft.chat import ChatFormat, render_text
 from minisft.demo import write_jsonl
-from minisft.demo_real import GENERAL_QUESTIONS, Phases, alice_paragraphs, cut, find_model, general_answers, measure
+from minisft.demo_real import (
+    GENERAL_QUESTIONS,
+    Phases,
+    alice_paragraphs,
+    cut,
+    general_answers,
+    measure,
+    open_chat_model,
+    with_threads,
+)
 from minisft.dpo import DPOConfig, DPOObjective, reference_log_probs
-from minisft.errors import ConfigError
 from minisft.packing import pack_examples
 from minisft.preference import Pair, render_pair
-from minisft.pretrained import SavedModel
 from minisft.tickets import Ticket, make_tickets
 from minisft.train import TrainConfig, evaluate, train_loop
 
@@ -80,23 +87,13 @@ def preference_accuracy(model, pairs: list[Pair], pad_id: int) -> float:
 
 
 def run_dpo_demo(cfg: DPODemoConfig = DPODemoConfig()) -> dict:
-    saved_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _run(cfg, torch.get_num_threads())
-    finally:
-        torch.set_num_threads(saved_threads)
+    return with_threads(cfg.threads, lambda threads: _run(cfg, threads))
 
 
 def _run(cfg: DPODemoConfig, threads: int) -> dict:
     phases = Phases()
     torch.manual_seed(cfg.seed)
-    saved = SavedModel(find_model(cfg.model))
-    if saved.chat_format is None:
-        raise ConfigError(f"{saved.why_no_chat_format()}: the demo needs a model with a chat format")
-    model, tokenizer = saved.load()
-    chat = make_chat_format(saved.chat_format, tokenizer)
+    saved, model, tokenizer, chat = open_chat_model(cfg.model)
     train, heldout = make_tickets(cfg.seed, cfg.train_tickets, cfg.heldout_tickets)
     out = Path(cfg.out_dir)
     train_set = chat.render_many([t.conversation() for t in train])
