@@ -97,6 +97,8 @@ class RunConfig:
                 )
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.objective == "dpo" and self.data.packing:
+            raise ValueError("data.packing is SFT's: DPO's pairs are padded, each pair's two sequences side by side")
         if self.freeze_layers < 0:
             raise ValueError(f"freeze_layers must be at least 0, got {self.freeze_layers}")
         if (self.freeze_embeddings or self.freeze_layers) and not self.init:

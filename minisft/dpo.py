@@ -29,6 +29,7 @@ follows the prompt); minisft's answer ends at the end-of-turn token, as in SFT.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -190,11 +191,25 @@ def with_reference(
             raise ConfigError(f"{path} is missing: a DPO run resumes with the reference log-probs it began with")
         stored = json.loads(path.read_text())
         for name, items in pair_sets.items():
-            if len(stored.get(name, [])) != len(items):
-                raise ConfigError(f"{path}: holds {len(stored.get(name, []))} {name} pairs, the data {len(items)}")
-        return sets | {name: [replace(p, reference=tuple(r)) for p, r in zip(items, stored[name], strict=True)]
-                       for name, items in pair_sets.items()}  # fmt: skip
+            if stored.get(name, {}).get("pairs") != fingerprint(items):
+                raise ConfigError(f"{path}: its {name} pairs are not the data's now (the data files changed)")
+        return sets | {
+            name: [replace(p, reference=tuple(r)) for p, r in zip(items, stored[name]["logps"], strict=True)]
+            for name, items in pair_sets.items()
+        }
     done = {name: reference_log_probs(model, items, pad_id, batch_size, precision) for name, items in pair_sets.items()}
     if write:
-        path.write_text(json.dumps({name: [list(p.reference) for p in items] for name, items in done.items()}))
+        stored = {
+            name: {"pairs": fingerprint(items), "logps": [p.reference for p in items]} for name, items in done.items()
+        }
+        path.write_text(json.dumps(stored))
     return sets | done
+
+
+def fingerprint(pairs: list[Pair]) -> str:
+    """SHA-256 of the pairs' token ids and labels: which data the stored log-probs belong to."""
+    digest = hashlib.sha256()
+    for p in pairs:
+        for example in (p.chosen, p.rejected):
+            digest.update(json.dumps([example.input_ids, example.labels]).encode())
+    return digest.hexdigest()

@@ -251,7 +251,7 @@ def test_dpo_command_logs_rewards_stores_the_reference_and_resumes(tmp_path, cap
     assert {"reward_accuracy/heldout", "reward_margin/heldout", "eval_loss/plain_text"} <= set(evals[-1])
     assert steps[-1]["reward_accuracy"] > 0.5 and evals[-1]["reward_accuracy/heldout"] > 0.5  # it learns
     stored = json.loads((run_dir / "reference_logps.json").read_text())
-    assert len(stored["train"]) == 24 and len(stored["heldout"]) == 6
+    assert len(stored["train"]["logps"]) == 24 and len(stored["heldout"]["logps"]) == 6
     assert 'objective = "dpo"' in (run_dir / "config.toml").read_text()
     straight = metrics(run_dir)
 
@@ -260,6 +260,10 @@ def test_dpo_command_logs_rewards_stores_the_reference_and_resumes(tmp_path, cap
     assert main(["dpo", "--resume", str(run_dir)]) == 0
     clockless = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rs]  # noqa: E731
     assert clockless(metrics(run_dir)) == clockless(straight)
+    changed = [{**RECORDS[0], "rejected": "no no"}, *RECORDS[1:]]
+    write(tmp_path, changed, "eval.jsonl")  # other held-out pairs than the stored log-probs were taken on
+    assert main(["dpo", "--resume", str(run_dir)]) == 2
+    assert "its heldout pairs are not the data's now" in capsys.readouterr().err
     (run_dir / "reference_logps.json").unlink()
     assert main(["dpo", "--resume", str(run_dir)]) == 2
     assert "reference_logps.json is missing" in capsys.readouterr().err
