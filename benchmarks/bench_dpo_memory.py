@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -159,10 +160,12 @@ def main() -> None:
     if args.child:
         child(args.child)
         return
+    load_start = os.getloadavg()[0]
     shape = {"vocab": VOCAB, "pairs": PAIRS, "prompt": PROMPT, "answer": ANSWER, "dim": MODEL.dim}
     rows = cpu_rows()
     print(table(rows))
-    save_results("dpo_memory_cpu", cpu_facts() | {"threads": 1} | shape, rows, table(rows))
+    load = {"load average": f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"}
+    save_results("dpo_memory_cpu", cpu_facts() | {"threads": 1} | shape | load, rows, table(rows))
     if torch.cuda.is_available():
         from benchmarks.common import device_facts
 
