@@ -5,8 +5,8 @@
 1. SFT, as the real-model demo (`demo_real.py`) does it, shortened: SmolLM2-135M-Instruct learns to
    triage 200 support tickets into JSON written as `json.dumps` writes it, `{"category": "billing", ...}`.
 2. DPO on 200 preference pairs over the same training prompts: chosen is the same JSON written
-   compactly, `{"category":"billing",...}` (about a quarter fewer tokens, what a log store or a
-   token budget prefers), rejected the spaced form SFT taught. The SFT data never holds the compact
+   compactly, `{"category":"billing",...}` (a fifth fewer tokens, what a log store or a token
+   budget prefers), rejected the spaced form SFT taught. The SFT data never holds the compact
    form, so the SFT model prefers the spaced one — the preference is DPO's to teach.
 3. Measured after SFT and after DPO, on 60 held-out tickets: held-out preference accuracy (the
    model's log π(compact) > log π(spaced), and DPO's implicit-reward accuracy), the share of greedy
@@ -14,6 +14,9 @@
    forgetting as the SFT demo measures it (general questions, plain-text loss on Alice).
 
 The reference model is the SFT model: its log-probs are computed once before DPO (`dpo.py`).
+With these settings DPO learns the preference (held-out preference accuracy 0% -> 100%) but greedy
+answers collapse (task score 81.7% -> 0%): see the README ("After SFT, DPO") for the measured table
+and why; the settings are kept as measured, so the run reproduces it.
 """
 
 from __future__ import annotations
