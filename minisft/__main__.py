@@ -5,9 +5,10 @@
   python -m minisft train --config FILE.toml [--section.key VALUE ...]   fine-tune (train --help: every key)
   python -m minisft train --init MODEL_DIR ...           fine-tune a pretrained model (HF, GGUF or minisft)
   python -m minisft train --resume RUN_DIR               continue a run from its newest checkpoint
+  python -m minisft train ... --overwrite                replace the run out_dir holds (else refused)
   python -m minisft data check FILE [--tokenizer PATH]   the data's quality report
   python -m minisft chat MODEL [--prompt TEXT]           talk to a model in its own chat format
-  python -m minisft export MODEL OUT                     write a Hugging Face folder, or OUT.gguf
+  python -m minisft export MODEL OUT [--overwrite]       write a Hugging Face folder (new or empty), or OUT.gguf
 
 Flags are spelled with underscores, as config keys are (--chat_format, --max_seq_len); a hyphen in a
 flag's name is read as an underscore. Under `torchrun --nproc_per_node N -m minisft train ...` the run
@@ -33,6 +34,7 @@ from minisft.datacheck import check_file, format_report
 from minisft.errors import ConfigError, DivergedError, TrainingError
 from minisft.gguf import GGUF_TYPES, export_gguf
 from minisft.hf import CheckpointError, export_hf
+from minisft.outputs import check_export_target
 from minisft.pretrained import SavedModel
 from minisft.tokenizer import Tokenizer
 
@@ -61,15 +63,15 @@ def data_check_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    """Refuse what can be refused before the weights load: no chat format, an existing .gguf file."""
+    """Refuse what can be refused before the weights load: no chat format, an OUT that is not new
+    or empty (without --overwrite), the model's own folder (`outputs.py`)."""
     saved = SavedModel(args.model)
     if saved.chat_format is None:
         raise CheckpointError(f"{saved.why_no_chat_format()}: the export needs the format it was trained with")
     to_gguf = args.out.endswith(".gguf")
-    if not to_gguf and (args.gguf_type or args.overwrite):
-        raise ConfigError("--gguf_type and --overwrite are for a .gguf output")
-    if to_gguf and Path(args.out).exists() and not args.overwrite:
-        raise CheckpointError(f"{args.out} exists: pass --overwrite to replace it")
+    if not to_gguf and args.gguf_type:
+        raise ConfigError("--gguf_type is for a .gguf output")
+    check_export_target(args.out, saved.path, args.overwrite)
     model, tokenizer = saved.load()
     if to_gguf:
         out = export_gguf(args.out, model, tokenizer, saved.chat_format, args.gguf_type or "f16", args.overwrite)
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.add_argument("--config", help="TOML file; any key below can also be given as --section.key VALUE")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run out_dir holds (its config.toml, metrics, checkpoints)"
+    )
     data = commands.add_parser("data", help="inspect a data file").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="quality report: layouts, bad records, duplicates, lengths")
     check.add_argument("file", help="JSONL or JSON file of records")
@@ -109,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("model", help="a run folder, a minisft checkpoint, a Hugging Face folder or a .gguf file")
     export.add_argument("out", help="the folder to write (transformers loads it), or a .gguf file (llama.cpp)")
     export.add_argument("--gguf_type", choices=GGUF_TYPES, help="weights in a .gguf file (default f16; norms f32)")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing .gguf file")
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing .gguf file, or the files export writes in a non-empty folder",
+    )
     args, rest = parser.parse_known_args(underscore_flags(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "data":
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_demo()
         else:
             config = resume_config(args.resume, args.config, rest) if args.resume else load_config(args.config, rest)
-            recipe.train(config=config, resume=bool(args.resume))
+            recipe.train(config=config, resume=bool(args.resume), overwrite=args.overwrite)
     except DivergedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minisft.chat import TOOLS_HEAD, TOOLS_TAIL, Llama31, make_chat_format
-from minisft.checkpoint import write_folder
 from minisft.model import Backends, ModelConfig, Transformer
+from minisft.outputs import write_into
 from minisft.tokenizer import Tokenizer, read_chat_template
 
 # Architecture -> the model_type config.json gives with it.
@@ -357,7 +357,8 @@ def load_hf(
 
 
 def export_hf(folder: str | Path, model: Transformer, tokenizer: Tokenizer, chat_format: str) -> Path:
-    """Write a Hugging Face model folder that transformers' AutoModelForCausalLM loads as is."""
+    """Write a Hugging Face model folder that transformers' AutoModelForCausalLM loads as is: a new
+    folder, or the files below put into an existing one (`export_command` checks it may)."""
     chat = make_chat_format(chat_format, tokenizer)
     stop_ids = list(dict.fromkeys([chat.end_id, tokenizer.eos_id]))  # end of turn first: pitfall 1
     template = CHAT_TEMPLATES.get(chat_format, tokenizer.chat_template)
@@ -379,4 +380,4 @@ def export_hf(folder: str | Path, model: Transformer, tokenizer: Tokenizer, chat
         }
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
-    return write_folder(folder, write)
+    return write_into(folder, write)

@@ -29,6 +29,7 @@ from minisft.data import DataError
 from minisft.dataset import load_examples
 from minisft.errors import ConfigError
 from minisft.model import Backends, Transformer, padded_vocab_size
+from minisft.outputs import claim_run_dir, clear_run
 from minisft.pretrained import start_from
 from minisft.tokenizer import Tokenizer
 from minisft.train import train_loop
@@ -88,14 +89,16 @@ def new_model(config: RunConfig, backends: Backends) -> tuple[Transformer, Token
     return Transformer(config.model, backends), tokenizer, chat, config
 
 
-def train(*, config: RunConfig, resume: bool = False) -> dict[str, float]:
+def train(*, config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
     """Run the recipe; -> the loop's result (last held-out losses, skipped steps, last step).
 
-    resume=True continues config.out_dir from its newest checkpoint (config must be the run's own)."""
+    resume=True continues config.out_dir from its newest checkpoint (config must be the run's own).
+    An out_dir already holding a run is refused, unless resume, or overwrite (which replaces that run)."""
     if not config.data.train_file or not (config.data.tokenizer or config.init):
         raise ConfigError(
             "data.train_file and data.tokenizer (or init) must be set (in the TOML file or as --data.train_file ...)"
         )
+    claim_run_dir(config.out_dir, resume, overwrite)
     ranks = distributed.setup()
     try:
         # 1. Where, and with which kernels.
@@ -120,6 +123,9 @@ def train(*, config: RunConfig, resume: bool = False) -> dict[str, float]:
 
         # 4. The run folder.
         out = Path(config.out_dir)
+        if overwrite and ranks.is_main:  # only now: a run refused on its config or data deletes nothing
+            clear_run(out)
+        distributed.barrier()  # no rank writes before the old run is gone
         out.mkdir(parents=True, exist_ok=True)
         if ranks.is_main and not resume:
             (out / "config.toml").write_text(to_toml(config))
