@@ -14,7 +14,8 @@ Flags are spelled with underscores, as config keys are (--chat_format, --max_seq
 flag's name is read as an underscore. Under `torchrun --nproc_per_node N -m minisft train ...` the run
 is data-parallel over N processes. A user's mistake (config, data, paths) ends with one line on
 stderr naming what to fix and exit code 2 — never a traceback; a run stopped by its NaN guard
-(train.max_bad_steps non-finite steps in a row) ends the same way with exit code 3.
+(train.max_bad_steps non-finite steps in a row) ends the same way with exit code 3, and one
+stopped by Ctrl-C with exit code 130, naming its newest checkpoint and the --resume command.
 """
 
 from __future__ import annotations
@@ -28,25 +29,31 @@ from minisft import recipe
 from minisft.chat import CHAT_FORMATS, TRAIN_ON
 from minisft.chat_cli import add_arguments as add_chat_arguments
 from minisft.chat_cli import chat_command
-from minisft.config import RunConfig, config_help, load_config, underscore_flags
+from minisft.config import RunConfig, config_help, load_config, parse_overrides, underscore_flags
 from minisft.data import FORMATS, DataError
 from minisft.datacheck import check_file, format_report
 from minisft.errors import ConfigError, DivergedError, TrainingError
 from minisft.gguf import GGUF_TYPES, export_gguf
 from minisft.hf import CheckpointError, export_hf
-from minisft.outputs import check_export_target
+from minisft.outputs import check_export_target, interrupted
 from minisft.pretrained import SavedModel
 from minisft.tokenizer import Tokenizer
 
 
 def resume_config(run_dir: str, config_file: str | None, overrides: list[str]) -> RunConfig:
-    """`train --resume RUN_DIR`: the run's own config.toml, as it was, so the run goes on unchanged."""
-    if config_file or overrides:
-        given = " ".join(([f"--config {config_file}"] if config_file else []) + overrides)
+    """`train --resume RUN_DIR`: the run's own config.toml, as it was, so the run goes on unchanged —
+    except train.steps, which may be raised to train a finished run further."""
+    others = [f"--{key} {value}" for key, value in parse_overrides(overrides).items() if key != "train.steps"]
+    if config_file or others:
+        given = " ".join(([f"--config {config_file}"] if config_file else []) + others)
         raise ConfigError(
-            f"--resume continues {run_dir} with its own config.toml; drop {given} (other settings are another run)"
+            f"--resume continues {run_dir} with its own config.toml (only --steps may be raised); drop {given}"
         )
-    return replace(load_config(Path(run_dir) / "config.toml"), out_dir=run_dir)
+    own = load_config(Path(run_dir) / "config.toml")
+    config = load_config(Path(run_dir) / "config.toml", overrides)
+    if config.train.steps < own.train.steps:
+        raise ConfigError(f"train.steps can only be raised on resume: {run_dir} was trained toward {own.train.steps}")
+    return replace(config, out_dir=run_dir)
 
 
 def data_check_command(args: argparse.Namespace) -> int:
@@ -142,7 +149,14 @@ def main(argv: list[str] | None = None) -> int:
                 run_demo()
         else:
             config = resume_config(args.resume, args.config, rest) if args.resume else load_config(args.config, rest)
-            recipe.train(config=config, resume=bool(args.resume), overwrite=args.overwrite)
+            try:
+                recipe.train(config=config, resume=bool(args.resume), overwrite=args.overwrite)
+            except KeyboardInterrupt:  # Ctrl-C: where the run stands, and how to go on
+                print(f"error: {interrupted(config.out_dir)}", file=sys.stderr)
+                return 130
+    except KeyboardInterrupt:
+        print(f"error: {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
     except DivergedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

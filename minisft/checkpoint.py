@@ -31,8 +31,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from minisft.errors import CheckpointError
+from minisft.integrity import read_json, read_tensors
 from minisft.model import Backends, ModelConfig, Transformer
 from minisft.tokenizer import Tokenizer
 
@@ -93,9 +95,9 @@ def load_model(folder: str | Path, backends: Backends | None = None) -> tuple[Tr
     meta_file = folder / "minisft.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{folder} is not a minisft model folder (no minisft.json)")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file)
     model = Transformer(ModelConfig(**meta["model"]), backends)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model.load_state_dict(read_tensors(folder / "model.safetensors"))
     return model, Tokenizer.from_file(folder), meta["chat_format"]
 
 
@@ -146,21 +148,29 @@ def load_checkpoint(
     state_file = folder / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{folder} is not a training checkpoint (no trainer_state.json)")
-    model_state = load_file(str(folder / "model.safetensors"))
-    saved = json.loads((folder / "optimizer.json").read_text())
-    optimizer_state = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), saved)
+    # Every file is read before anything is loaded: a checkpoint that turns out unreadable half-way
+    # leaves model and optimizer as they were, for the caller to try an older one.
+    state = read_json(state_file)
+    model_state = read_tensors(folder / "model.safetensors")
+    saved = read_json(folder / "optimizer.json")
+    optimizer_tensors = read_tensors(folder / "optimizer.safetensors")
+    rng = read_tensors(folder / "rng.safetensors")
+    try:
+        version, internal, gauss = state.pop("python_rng")  # JSON turned its tuples into lists
+        python_rng = (version, tuple(internal), gauss)
+        random.Random().setstate(python_rng)  # checked on a throwaway generator first
+        optimizer_state = _unflatten_optimizer(optimizer_tensors, saved)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{folder}: trainer_state.json or optimizer.json is garbled ({err!r})") from None
     if load_states is not None:
         load_states(model_state, optimizer_state)
     else:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
-    rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
-    state = json.loads(state_file.read_text())
-    version, internal, gauss = state.pop("python_rng")  # JSON turned its tuples into lists
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(python_rng)
     return state
 
 
@@ -198,6 +208,11 @@ def step_checkpoints(checkpoints: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if (m := STEP_FOLDER.fullmatch(p.name))]
     return [path for _, path in sorted(found)]
+
+
+def step_number(folder: Path) -> int:
+    """checkpoints/step_12 -> 12."""
+    return int(STEP_FOLDER.fullmatch(folder.name).group(1))
 
 
 def prune_checkpoints(checkpoints: str | Path, keep: int) -> None:

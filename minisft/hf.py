@@ -29,10 +29,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minisft.chat import TOOLS_HEAD, TOOLS_TAIL, Llama31, make_chat_format
+from minisft.errors import CheckpointError
+from minisft.integrity import open_tensors
 from minisft.model import Backends, ModelConfig, Transformer
 from minisft.outputs import write_into
 from minisft.tokenizer import Tokenizer, read_chat_template
@@ -109,10 +110,6 @@ CHAT_TEMPLATES = {
         "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
     ),
 }
-
-
-class CheckpointError(ValueError):
-    """A model folder minisft cannot load as it is; the message says what is wrong and where."""
 
 
 def is_hf_folder(folder: Path) -> bool:
@@ -271,7 +268,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
     single = folder / "model.safetensors"
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with open_tensors(single) as f:
             return dict.fromkeys(f.keys(), single)
     raise CheckpointError(
         f"{folder}: no model.safetensors or model.safetensors.index.json (minisft reads only safetensors: "
@@ -297,7 +294,7 @@ def read_weights(folder: Path, expected: dict[str, torch.Size], dtype: torch.dty
         by_file[files[hf_name(name)]].append(name)
     state = {}
     for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with open_tensors(path) as f:
             for name in names:
                 shape = tuple(f.get_slice(hf_name(name)).get_shape())
                 if shape != tuple(expected[name]):

@@ -6,6 +6,7 @@
                           existing one file by file, each renamed over its old version
     claim_run_dir         `train`: an out_dir that already holds a run is refused unless --resume
                           (continue it) or --overwrite (replace it: only what a run writes goes)
+    interrupted           what a run stopped by Ctrl-C left: its newest checkpoint, the command to go on
 
 Every refusal is a one-line error naming the folder and the flag that would make it go ahead.
 """
@@ -17,7 +18,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from minisft.checkpoint import write_folder
+from minisft.checkpoint import step_checkpoints, write_folder
 from minisft.errors import ConfigError
 
 # What a run writes into its out_dir: found there, the folder holds a run; --overwrite removes these only.
@@ -99,3 +100,12 @@ def clear_run(out_dir: str | Path) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def interrupted(out_dir: str | Path) -> str:
+    """The line a run stopped by Ctrl-C ends with."""
+    found = step_checkpoints(Path(out_dir) / "checkpoints")
+    if not found:
+        return f"interrupted before any checkpoint was saved in {out_dir}: start again (with --overwrite)"
+    go_on = f"python -m minisft train --resume {out_dir}"
+    return f"interrupted; the newest checkpoint is {found[-1]}: continue with `{go_on}`"

@@ -24,7 +24,7 @@ import torch
 from minisft import distributed
 from minisft.chat import ChatFormat, Example, make_chat_format, render_text
 from minisft.checkpoint import save_model, write_model_meta
-from minisft.config import DataConfig, RunConfig, to_toml
+from minisft.config import DataConfig, RunConfig, load_config, to_toml
 from minisft.data import DataError
 from minisft.dataset import load_examples
 from minisft.errors import ConfigError
@@ -129,6 +129,10 @@ def train(*, config: RunConfig, resume: bool = False, overwrite: bool = False) -
         out.mkdir(parents=True, exist_ok=True)
         if ranks.is_main and not resume:
             (out / "config.toml").write_text(to_toml(config))
+        elif ranks.is_main and (out / "config.toml").is_file():
+            own = load_config(out / "config.toml")
+            if own.train.steps != config.train.steps:  # --resume RUN --steps N: the next --resume reads N
+                (out / "config.toml").write_text(to_toml(replace(config, out_dir=own.out_dir)))
         print(f"model: {config.model.num_params() / 1e6:.2f}M parameters on {device}, {model.backends}")
 
         def write_extra(folder: Path) -> None:  # makes every checkpoint a model folder `chat` and `export` take
