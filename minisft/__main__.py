@@ -63,6 +63,9 @@ def data_check_command(args: argparse.Namespace) -> int:
         chat = recipe.chat_format(args.chat_format, Tokenizer.from_file(args.tokenizer), args.train_on)
     report = check_file(args.file, chat, args.max_seq_len, args.format)
     print(format_report(report, chat))
+    if not report.read.records and not report.read.num_skipped:  # `train` refuses it too: nothing to train on
+        print(f"error: {args.file} holds no records (empty or whitespace only)", file=sys.stderr)
+        return 2
     if args.strict and report.num_warnings:
         print(f"error: {report.num_warnings} warnings in {args.file} (--strict)", file=sys.stderr)
         return 2
