@@ -81,9 +81,13 @@ def write_model_meta(folder: Path, config: ModelConfig, tokenizer: Tokenizer, ch
     tokenizer.save(folder)
 
 
-def save_model(folder: str | Path, model: Transformer, tokenizer: Tokenizer, chat_format: str) -> Path:
+def save_model(
+    folder: str | Path, model: Transformer, tokenizer: Tokenizer, chat_format: str, state_dict: dict | None = None
+) -> Path:
+    """state_dict: the weights to write instead of the model's own (FSDP2's, gathered whole)."""
+
     def write(tmp: Path) -> None:
-        write_weights(tmp, model)
+        write_weights(tmp, model, state_dict)
         write_model_meta(tmp, model.config, tokenizer, chat_format)
 
     return write_folder(folder, write)

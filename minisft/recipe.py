@@ -144,8 +144,9 @@ def train(*, config: RunConfig, resume: bool = False, overwrite: bool = False) -
         result = train_loop(
             model, train_set, eval_sets, config.train, tokenizer.pad_id, out, "train", pack_to, resume, write_extra
         )
+        weights = distributed.full_model_state(model)  # FSDP2: gathered whole on rank 0 (every rank joins)
         if ranks.is_main:
-            final = save_model(out / "checkpoints" / "final", model, tokenizer, chat.name)
+            final = save_model(out / "checkpoints" / "final", model, tokenizer, chat.name, weights)
             print(f"saved {final}")
         # Wait for rank 0's final save before any rank leaves: a rank tearing down its process
         # group while another still works can abort the others. (Not on errors: it could hang.)
