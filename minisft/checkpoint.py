@@ -45,9 +45,19 @@ def _fsync_tree(folder: Path) -> None:
             os.fsync(f.fileno())
 
 
-def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp) on an empty temporary folder, flush it, then swap it in for `folder`."""
+def recover_folder(folder: str | Path) -> None:
+    """A crash between `write_folder`'s two renames leaves folder.old and no folder: put it back."""
     folder = Path(folder)
+    old = folder.with_name(folder.name + ".old")
+    if old.is_dir() and not folder.exists():
+        old.rename(folder)
+
+
+def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) on an empty temporary folder, flush it, then swap it in for `folder`. At every
+    moment `folder` or `folder.old` holds a whole version, old or new (`recover_folder`)."""
+    folder = Path(folder)
+    recover_folder(folder)  # an orphaned .old is the only copy of the previous version: never delete it
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -55,7 +65,7 @@ def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
     _fsync_tree(tmp)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # a leftover: `folder` itself is the previous version
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
