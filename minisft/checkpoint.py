@@ -6,7 +6,8 @@
 
 The chat format travels with the weights so chat and generation render prompts exactly as
 training did. A folder is written under a temporary name, flushed to disk, then renamed: a crash
-mid-save leaves the previous folder whole. Nothing here unpickles anything.
+mid-save leaves the previous folder whole (as folder.old if it fell between the two renames, which
+`recover_folder` puts back when the model is next opened). Nothing here unpickles anything.
 
 A training checkpoint (RUN_DIR/checkpoints/step_N/, and checkpoints/best) is a model folder plus
 what resuming needs:
@@ -57,14 +58,13 @@ def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on an empty temporary folder, flush it, then swap it in for `folder`. At every
     moment `folder` or `folder.old` holds a whole version, old or new (`recover_folder`)."""
     folder = Path(folder)
-    recover_folder(folder)  # an orphaned .old is the only copy of the previous version: never delete it
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
     _fsync_tree(tmp)
     old = folder.with_name(folder.name + ".old")
-    if folder.exists():
+    if folder.exists():  # else an orphaned .old may be the only copy of the previous version: kept till the end
         shutil.rmtree(old, ignore_errors=True)  # a leftover: `folder` itself is the previous version
         folder.rename(old)
     tmp.rename(folder)
