@@ -158,7 +158,7 @@ def check_same_settings(saved: object, cfg: TrainConfig, folder: Path) -> None:
     """An exact resume needs the checkpoint's train settings; train.steps alone may be raised (the
     cosine then stretches over the new total), and fsdp may differ (one checkpoint format)."""
     names = {f.name for f in fields(cfg)}  # a key added since the checkpoint was written is not compared
-    if not isinstance(saved, dict) or "steps" not in saved or not set(saved) <= names:
+    if not isinstance(saved, dict) or not isinstance(saved.get("steps"), int) or not set(saved) <= names:
         raise CheckpointError(f"{folder / 'trainer_state.json'}: 'train_config' must hold [train] keys: restore it")
     if cfg.steps < saved["steps"]:
         raise TrainingError(f"train.steps can only be raised on resume: {folder} was trained toward {saved['steps']}")

@@ -119,9 +119,20 @@ def test_resume_falls_back_from_a_truncated_newest_checkpoint_and_says_so(tmp_pa
         (lambda s: s["run"].pop("bad_steps"), "'run' must hold exactly step, micro_batches"),
         (lambda s: s["run"].update(best_eval_loss="low"), "run.best_eval_loss = 'low' is not a finite number or null"),
         (lambda s: s["train_config"].update(lrr=1), "'train_config' must hold [train] keys"),
+        (lambda s: s["train_config"].update(steps="4"), "'train_config' must hold [train] keys"),
         (lambda s: s.update(python_rng=[3]), "trainer_state.json or optimizer.json is garbled"),
     ],
-    ids=["step-oops", "step-minus-1", "step-other", "float-count", "missing-key", "best-loss", "unknown", "rng"],
+    ids=[
+        "step-oops",
+        "step-minus-1",
+        "step-other",
+        "float-count",
+        "missing-key",
+        "best-loss",
+        "unknown",
+        "steps",
+        "rng",
+    ],  # noqa: E501
 )
 def test_a_hand_edited_trainer_state_is_one_line_and_overwrites_nothing(tmp_path, capsys, edit, message):
     run_dir, _ = trained_run(tmp_path)
