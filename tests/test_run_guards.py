@@ -208,7 +208,7 @@ def test_ctrl_c_during_training_ends_in_one_line_naming_the_checkpoint(tmp_path)
         text=True,
     )
     deadline = time.monotonic() + 120
-    while not (run_dir / "checkpoints" / "step_4").is_dir():
+    while not (run_dir / "checkpoints" / "step_2").is_dir():
         assert process.poll() is None, process.stderr.read()[-2000:]
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.05)
