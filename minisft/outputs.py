@@ -30,6 +30,15 @@ def _listing(folder: Path, limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+# Files a loader reads with, or instead of, what export writes (shards and their index, pickled
+# weights, a separate chat template, a minisft checkpoint's own files): left beside a new export
+# they would change what OUT loads as, so --overwrite refuses a folder holding one.
+SHADOWING = (
+    "minisft.json", "trainer_state.json", "model.safetensors.index.json", "model-*.safetensors",
+    "pytorch_model*.bin", "chat_template.jinja", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+)  # fmt: skip
+
+
 def check_export_target(out: str | Path, source: str | Path, overwrite: bool) -> None:
     """Refuse an OUT that is a file where a folder is written (or the other way round), the model
     being read, or a non-empty folder without --overwrite."""
@@ -48,6 +57,11 @@ def check_export_target(out: str | Path, source: str | Path, overwrite: bool) ->
         raise ConfigError(
             f"{out} is not empty ({_listing(out)}): export writes only into a new or empty folder; "
             "name another, or pass --overwrite to replace the files it writes (its other files stay)"
+        )
+    elif out.is_dir() and (found := sorted({p.name for pattern in SHADOWING for p in out.glob(pattern)})):
+        raise ConfigError(
+            f"{out} holds {', '.join(found)}: loaders would read them with or instead of the export "
+            "(a model is there already); export to another folder"
         )
 
 

@@ -97,6 +97,20 @@ def test_export_overwrite_replaces_only_what_it_writes(trained, tmp_path, capsys
     assert main(["export", str(final), str(final), "--overwrite"]) == 2
     assert last_error(capsys) == f"error: {final} is the model being exported: name another output"
     assert tree(copy) == after
+    # nor is another model: its own files would be read beside (or instead of) the export's
+    step_2 = copy / "checkpoints" / "step_2"
+    assert main(["export", str(final), str(step_2), "--overwrite"]) == 2
+    assert last_error(capsys) == (
+        f"error: {step_2} holds minisft.json, trainer_state.json: loaders would read them with or instead "
+        "of the export (a model is there already); export to another folder"
+    )
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    (shards / "model.safetensors.index.json").write_text("{}")
+    (shards / "model-00001-of-00002.safetensors").write_bytes(b"")
+    assert main(["export", str(final), str(shards), "--overwrite"]) == 2
+    assert "holds model-00001-of-00002.safetensors, model.safetensors.index.json: loaders" in last_error(capsys)
+    assert tree(copy) == after
 
 
 def test_export_to_a_file_that_is_not_a_gguf_is_refused(trained, tmp_path, capsys):
