@@ -6,16 +6,18 @@
   python -m minisft train --config FILE.toml [--section.key VALUE ...]   fine-tune (train --help: every key)
   python -m minisft train --init MODEL_DIR ...           fine-tune a pretrained model (HF, GGUF or minisft)
   python -m minisft train --resume RUN_DIR               continue a run from its newest checkpoint
+  python -m minisft train ... --overwrite                replace the run out_dir holds (else refused)
   python -m minisft dpo --config FILE.toml --init SFT_RUN   preference tuning (train with objective = "dpo")
   python -m minisft data check FILE [--tokenizer PATH]   the data's quality report
   python -m minisft chat MODEL [--prompt TEXT]           talk to a model in its own chat format
-  python -m minisft export MODEL OUT                     write a Hugging Face folder, or OUT.gguf
+  python -m minisft export MODEL OUT [--overwrite]       write a Hugging Face folder (new or empty), or OUT.gguf
 
 Flags are spelled with underscores, as config keys are (--chat_format, --max_seq_len); a hyphen in a
 flag's name is read as an underscore. Under `torchrun --nproc_per_node N -m minisft train ...` the run
 is data-parallel over N processes. A user's mistake (config, data, paths) ends with one line on
 stderr naming what to fix and exit code 2 — never a traceback; a run stopped by its NaN guard
-(train.max_bad_steps non-finite steps in a row) ends the same way with exit code 3.
+(train.max_bad_steps non-finite steps in a row) ends the same way with exit code 3, and one
+stopped by Ctrl-C with exit code 130, naming its newest checkpoint and the --resume command.
 """
 
 from __future__ import annotations
@@ -29,24 +31,31 @@ from minisft import recipe
 from minisft.chat import CHAT_FORMATS, TRAIN_ON
 from minisft.chat_cli import add_arguments as add_chat_arguments
 from minisft.chat_cli import chat_command
-from minisft.config import RunConfig, config_help, load_config, underscore_flags
+from minisft.config import RunConfig, config_help, load_config, parse_overrides, underscore_flags
 from minisft.data import FORMATS, DataError
 from minisft.datacheck import check_file, format_report
 from minisft.errors import ConfigError, DivergedError, TrainingError
 from minisft.gguf import GGUF_TYPES, export_gguf
 from minisft.hf import CheckpointError, export_hf
+from minisft.outputs import check_export_target, interrupted
 from minisft.pretrained import SavedModel
 from minisft.tokenizer import Tokenizer
 
 
 def resume_config(run_dir: str, config_file: str | None, overrides: list[str]) -> RunConfig:
-    """`train --resume RUN_DIR`: the run's own config.toml, as it was, so the run goes on unchanged."""
-    if config_file or overrides:
-        given = " ".join(([f"--config {config_file}"] if config_file else []) + overrides)
+    """`train --resume RUN_DIR`: the run's own config.toml, as it was, so the run goes on unchanged —
+    except train.steps, which may be raised to train a finished run further."""
+    others = [f"--{key} {value}" for key, value in parse_overrides(overrides).items() if key != "train.steps"]
+    if config_file or others:
+        given = " ".join(([f"--config {config_file}"] if config_file else []) + others)
         raise ConfigError(
-            f"--resume continues {run_dir} with its own config.toml; drop {given} (other settings are another run)"
+            f"--resume continues {run_dir} with its own config.toml (only --steps may be raised); drop {given}"
         )
-    return replace(load_config(Path(run_dir) / "config.toml"), out_dir=run_dir)
+    own = load_config(Path(run_dir) / "config.toml")
+    config = load_config(Path(run_dir) / "config.toml", overrides)
+    if config.train.steps < own.train.steps:
+        raise ConfigError(f"train.steps can only be raised on resume: {run_dir} was trained toward {own.train.steps}")
+    return replace(config, out_dir=run_dir)
 
 
 def data_check_command(args: argparse.Namespace) -> int:
@@ -56,6 +65,9 @@ def data_check_command(args: argparse.Namespace) -> int:
         chat = recipe.chat_format(args.chat_format, Tokenizer.from_file(args.tokenizer), args.train_on)
     report = check_file(args.file, chat, args.max_seq_len, args.format)
     print(format_report(report, chat))
+    if not report.read.records and not report.read.num_skipped:  # `train` refuses it too: nothing to train on
+        print(f"error: {args.file} holds no records (empty or whitespace only)", file=sys.stderr)
+        return 2
     if args.strict and report.num_warnings:
         print(f"error: {report.num_warnings} warnings in {args.file} (--strict)", file=sys.stderr)
         return 2
@@ -63,15 +75,15 @@ def data_check_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    """Refuse what can be refused before the weights load: no chat format, an existing .gguf file."""
+    """Refuse what can be refused before the weights load: no chat format, an OUT that is not new
+    or empty (without --overwrite), the model's own folder (`outputs.py`)."""
     saved = SavedModel(args.model)
     if saved.chat_format is None:
         raise CheckpointError(f"{saved.why_no_chat_format()}: the export needs the format it was trained with")
     to_gguf = args.out.endswith(".gguf")
-    if not to_gguf and (args.gguf_type or args.overwrite):
-        raise ConfigError("--gguf_type and --overwrite are for a .gguf output")
-    if to_gguf and Path(args.out).exists() and not args.overwrite:
-        raise CheckpointError(f"{args.out} exists: pass --overwrite to replace it")
+    if not to_gguf and args.gguf_type:
+        raise ConfigError("--gguf_type is for a .gguf output")
+    check_export_target(args.out, saved.path, args.overwrite)
     model, tokenizer = saved.load()
     if to_gguf:
         out = export_gguf(args.out, model, tokenizer, saved.chat_format, args.gguf_type or "f16", args.overwrite)
@@ -106,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     for command in (train, dpo):
         command.add_argument("--config", help="TOML file; any key below can also be given as --section.key VALUE")
         command.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
+        replace_help = "replace the run out_dir holds (its config.toml, metrics, checkpoints)"
+        command.add_argument("--overwrite", action="store_true", help=replace_help)
     data = commands.add_parser("data", help="inspect a data file").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="quality report: layouts, bad records, duplicates, lengths")
     check.add_argument("file", help="JSONL or JSON file of records")
@@ -120,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("model", help="a run folder, a minisft checkpoint, a Hugging Face folder or a .gguf file")
     export.add_argument("out", help="the folder to write (transformers loads it), or a .gguf file (llama.cpp)")
     export.add_argument("--gguf_type", choices=GGUF_TYPES, help="weights in a .gguf file (default f16; norms f32)")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing .gguf file")
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing .gguf file, or the files export writes in a non-empty folder",
+    )
     args, rest = parser.parse_known_args(underscore_flags(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "data":
@@ -152,7 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             config = resume_config(args.resume, args.config, rest) if args.resume else load_config(args.config, rest)
             if args.command == "dpo" and config.objective != "dpo":
                 raise ConfigError(f"{args.resume}: a run of objective {config.objective!r}; resume it with train")
-            recipe.train(config=config, resume=bool(args.resume))
+            try:
+                recipe.train(config=config, resume=bool(args.resume), overwrite=args.overwrite)
+            except KeyboardInterrupt:  # Ctrl-C: where the run stands, and how to go on
+                print(f"error: {interrupted(config.out_dir)}", file=sys.stderr)
+                return 130
+    except KeyboardInterrupt:
+        print(f"error: {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
     except DivergedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

@@ -22,6 +22,7 @@ import difflib
 import inspect
 import io
 import json
+import math
 import textwrap
 import tokenize
 import tomllib
@@ -135,7 +136,15 @@ def _unknown(key: str, keys: dict[str, type]) -> ConfigError:
 
 
 def _convert(key: str, value: Any, kind: type) -> Any:
-    """Coerce a TOML value or a command-line string to the field's type, or say why not."""
+    """Coerce a TOML value or a command-line string to the field's type, or say why not; no float
+    key has a use for nan or inf (`--lr inf` would write inf weights into every checkpoint)."""
+    converted = _coerce(key, value, kind)
+    if kind is float and not math.isfinite(converted):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return converted
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         if kind is bool:

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from minisft.model import Transformer
@@ -112,6 +113,16 @@ def shard(model: Transformer) -> None:
         register_fsdp_forward_method(model, method)
 
 
+def full_model_state(model: nn.Module) -> dict | None:
+    """A model sharded by FSDP2: its whole state dict, on the CPU, on rank 0 (empty on the others) —
+    a collective, so every rank calls it. None for a model that is not sharded: its own state_dict()
+    is whole. (state_dict() of a sharded model gives each rank's DTensor shards, which a save cannot
+    read: "Attempted to access the data pointer on an invalid python storage".)"""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The optimizer's parameters by name, in the order one process's optimizer.state_dict() numbers them."""
     names = {id(p): name for name, p in model.named_parameters()}
@@ -158,7 +169,7 @@ class Replica:
         if not self.fsdp:
             return None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(self.model, options=options)
+        model_state = full_model_state(self.model)
         by_name = get_optimizer_state_dict(self.model, optimizer, options=options)
         if not by_name:  # not rank 0
             return model_state, {}

@@ -347,15 +347,17 @@ class Transformer(nn.Module):
             nn.init.normal_(p, mean=0.0, std=std)
 
     @torch.no_grad()
-    def init_embeddings_as_mean(self, token_ids: list[int]) -> None:
-        """Start rows of never-trained tokens at the mean of the other rows.
+    def init_embeddings_as_mean(self, token_ids: list[int], rows: int = 0) -> None:
+        """Start rows of never-trained tokens at the mean of the other rows — of the first `rows`
+        only, when given: the tokenizer's old vocabulary, not the embedding's unused padding rows.
 
         A token absent from pre-training (a chat marker, a newly added token) keeps a random input
         embedding, and the softmax has pushed its output row far down: its first loss is huge and
         its updates tear through the model. The mean embedding is a neutral start.
         """
         for weight in {id(w): w for w in (self.embed_tokens.weight, self.head_weight)}.values():
-            keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            keep = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+            keep[: rows or weight.shape[0]] = True
             keep[token_ids] = False
             weight[token_ids] = weight[keep].mean(0)
 

@@ -26,11 +26,12 @@ import torch
 from minisft import distributed, dpo, preference
 from minisft.chat import ChatFormat, Example, make_chat_format, render_text
 from minisft.checkpoint import save_model, write_model_meta
-from minisft.config import DataConfig, RunConfig, to_toml
+from minisft.config import DataConfig, RunConfig, load_config, to_toml
 from minisft.data import DataError
 from minisft.dataset import load_examples
 from minisft.errors import ConfigError
 from minisft.model import Backends, Transformer, padded_vocab_size
+from minisft.outputs import claim_run_dir, clear_run
 from minisft.preference import Pair
 from minisft.pretrained import start_from
 from minisft.tokenizer import Tokenizer
@@ -100,14 +101,16 @@ def new_model(config: RunConfig, backends: Backends) -> tuple[Transformer, Token
     return Transformer(config.model, backends), tokenizer, chat, config
 
 
-def train(*, config: RunConfig, resume: bool = False) -> dict[str, float]:
+def train(*, config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
     """Run the recipe; -> the loop's result (last held-out losses, skipped steps, last step).
 
-    resume=True continues config.out_dir from its newest checkpoint (config must be the run's own)."""
+    resume=True continues config.out_dir from its newest checkpoint (config must be the run's own).
+    An out_dir already holding a run is refused, unless resume, or overwrite (which replaces that run)."""
     if not config.data.train_file or not (config.data.tokenizer or config.init):
         raise ConfigError(
             "data.train_file and data.tokenizer (or init) must be set (in the TOML file or as --data.train_file ...)"
         )
+    claim_run_dir(config.out_dir, resume, overwrite)
     ranks = distributed.setup()
     try:
         # 1. Where, and with which kernels.
@@ -133,9 +136,16 @@ def train(*, config: RunConfig, resume: bool = False) -> dict[str, float]:
 
         # 4. The run folder.
         out = Path(config.out_dir)
+        if overwrite and ranks.is_main:  # only now: a run refused on its config or data deletes nothing
+            clear_run(out)
+        distributed.barrier()  # no rank writes before the old run is gone
         out.mkdir(parents=True, exist_ok=True)
         if ranks.is_main and not resume:
             (out / "config.toml").write_text(to_toml(config))
+        elif ranks.is_main and (out / "config.toml").is_file():
+            own = load_config(out / "config.toml")
+            if own.train.steps != config.train.steps:  # --resume RUN --steps N: the next --resume reads N
+                (out / "config.toml").write_text(to_toml(replace(config, out_dir=own.out_dir)))
         print(f"model: {config.model.num_params() / 1e6:.2f}M parameters on {device}, {model.backends}")
 
         def write_extra(folder: Path) -> None:  # makes every checkpoint a model folder `chat` and `export` take
@@ -156,8 +166,9 @@ def train(*, config: RunConfig, resume: bool = False) -> dict[str, float]:
             model, train_set, eval_sets, config.train, tokenizer.pad_id, out, label, pack_to, resume,
             write_extra, objective,
         )  # fmt: skip
+        weights = distributed.full_model_state(model)  # FSDP2: gathered whole on rank 0 (every rank joins)
         if ranks.is_main:
-            final = save_model(out / "checkpoints" / "final", model, tokenizer, chat.name)
+            final = save_model(out / "checkpoints" / "final", model, tokenizer, chat.name, weights)
             print(f"saved {final}")
         # Wait for rank 0's final save before any rank leaves: a rank tearing down its process
         # group while another still works can abort the others. (Not on errors: it could hang.)
