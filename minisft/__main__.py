@@ -101,21 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", help="the real-model demo instead: 'smollm2' (SmolLM2-135M-Instruct) or a model path")
     demo.add_argument("--threads", type=int, default=1, help="torch threads for --model (0: one per core)")
     demo.add_argument("--dpo", action="store_true", help="with --model: SFT, then DPO for a preference SFT never saw")
-    train = commands.add_parser(
-        "train",
-        help="supervised fine-tuning from a TOML config and --section.key VALUE flags",
-        description="Supervised fine-tuning: a TOML config (--config), overridden by any key below as a flag.",
-        epilog=config_help(),
-        formatter_class=raw,
-    )
-    dpo = commands.add_parser(
-        "dpo",
-        help="preference tuning (DPO) of a model: train with objective = 'dpo', same keys and flags",
-        description="DPO on prompt/chosen/rejected records (minisft/preference.py): train's keys, objective = 'dpo'.",
-        epilog=config_help(),
-        formatter_class=raw,
-    )
-    for command in (train, dpo):
+    runs = {  # the two training commands: the same config keys and flags, another objective
+        "train": (
+            "supervised fine-tuning from a TOML config and --section.key VALUE flags",
+            "Supervised fine-tuning: a TOML config (--config), overridden by any key below as a flag.",
+        ),
+        "dpo": (
+            "preference tuning (DPO) of a model: train with objective = 'dpo', same keys and flags",
+            "DPO on prompt/chosen/rejected records (minisft/preference.py): train's keys, objective = 'dpo'.",
+        ),
+    }
+    for name, (summary, description) in runs.items():
+        command = commands.add_parser(
+            name, help=summary, description=description, epilog=config_help(), formatter_class=raw
+        )
         command.add_argument("--config", help="TOML file; any key below can also be given as --section.key VALUE")
         command.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
         replace_help = "replace the run out_dir holds (its config.toml, metrics, checkpoints)"
