@@ -2,10 +2,12 @@
 
   python -m minisft demo                                 pre-train, then SFT, a tiny model on the CPU
   python -m minisft demo --model smollm2                 SFT of SmolLM2-135M on support tickets, measured
+  python -m minisft demo --model smollm2 --dpo           SFT, then DPO teaching a preference SFT never saw
   python -m minisft train --config FILE.toml [--section.key VALUE ...]   fine-tune (train --help: every key)
   python -m minisft train --init MODEL_DIR ...           fine-tune a pretrained model (HF, GGUF or minisft)
   python -m minisft train --resume RUN_DIR               continue a run from its newest checkpoint
   python -m minisft train ... --overwrite                replace the run out_dir holds (else refused)
+  python -m minisft dpo --config FILE.toml --init SFT_RUN   preference tuning (train with objective = "dpo")
   python -m minisft data check FILE [--tokenizer PATH]   the data's quality report
   python -m minisft chat MODEL [--prompt TEXT]           talk to a model in its own chat format
   python -m minisft export MODEL OUT [--overwrite]       write a Hugging Face folder (new or empty), or OUT.gguf
@@ -98,18 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain, on the CPU")
     demo.add_argument("--model", help="the real-model demo instead: 'smollm2' (SmolLM2-135M-Instruct) or a model path")
     demo.add_argument("--threads", type=int, default=1, help="torch threads for --model (0: one per core)")
-    train = commands.add_parser(
-        "train",
-        help="supervised fine-tuning from a TOML config and --section.key VALUE flags",
-        description="Supervised fine-tuning: a TOML config (--config), overridden by any key below as a flag.",
-        epilog=config_help(),
-        formatter_class=raw,
-    )
-    train.add_argument("--config", help="TOML file; any key below can also be given as --section.key VALUE")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
-    train.add_argument(
-        "--overwrite", action="store_true", help="replace the run out_dir holds (its config.toml, metrics, checkpoints)"
-    )
+    demo.add_argument("--dpo", action="store_true", help="with --model: SFT, then DPO for a preference SFT never saw")
+    runs = {  # the two training commands: the same config keys and flags, another objective
+        "train": (
+            "supervised fine-tuning from a TOML config and --section.key VALUE flags",
+            "Supervised fine-tuning: a TOML config (--config), overridden by any key below as a flag.",
+        ),
+        "dpo": (
+            "preference tuning (DPO) of a model: train with objective = 'dpo', same keys and flags",
+            "DPO on prompt/chosen/rejected records (minisft/preference.py): train's keys, objective = 'dpo'.",
+        ),
+    }
+    for name, (summary, description) in runs.items():
+        command = commands.add_parser(
+            name, help=summary, description=description, epilog=config_help(), formatter_class=raw
+        )
+        command.add_argument("--config", help="TOML file; any key below can also be given as --section.key VALUE")
+        command.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
+        replace_help = "replace the run out_dir holds (its config.toml, metrics, checkpoints)"
+        command.add_argument("--overwrite", action="store_true", help=replace_help)
     data = commands.add_parser("data", help="inspect a data file").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="quality report: layouts, bad records, duplicates, lengths")
     check.add_argument("file", help="JSONL or JSON file of records")
@@ -142,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             if rest:
                 raise ConfigError(f"demo takes no options, got {' '.join(rest)}")
-            if args.model:
+            if args.dpo:
+                from minisft.demo_dpo import DPODemoConfig, run_dpo_demo
+
+                run_dpo_demo(DPODemoConfig(model=args.model or "smollm2", threads=args.threads))
+            elif args.model:
                 from minisft.demo_real import RealDemoConfig, run_real_demo
 
                 run_real_demo(RealDemoConfig(model=args.model, threads=args.threads))
@@ -151,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 run_demo()
         else:
+            if args.command == "dpo" and not args.resume:
+                rest = [*rest, "--objective", "dpo"]
             config = resume_config(args.resume, args.config, rest) if args.resume else load_config(args.config, rest)
+            if args.command == "dpo" and config.objective != "dpo":
+                raise ConfigError(f"{args.resume}: a run of objective {config.objective!r}; resume it with train")
             try:
                 recipe.train(config=config, resume=bool(args.resume), overwrite=args.overwrite)
             except KeyboardInterrupt:  # Ctrl-C: where the run stands, and how to go on

@@ -243,9 +243,11 @@ class Bookkeeper:
         self.log.write({"step": self.state.step, "skipped": "no trained tokens in this step's batches"})
         self.progress.note(f"{self.label}: step {self.state.step} skipped: its batches hold no trained token")
 
-    def stepped(self, loss: float, grad_norm: float, lr: float, num_trained: int, num_tokens: int, width: int) -> None:
+    def stepped(
+        self, loss: float, grad_norm: float, lr: float, num_trained: int, num_tokens: int, width: int, stats=None
+    ) -> None:
         """After an optimizer step over num_tokens real tokens in rows of `width`: the NaN guard, then
-        every log_every steps a metrics record and the progress line."""
+        every log_every steps a metrics record (with the objective's `stats`) and the progress line."""
         step, cfg = self.state.step, self.cfg
         bad = [name for name, value in (("loss", loss), ("grad_norm", grad_norm)) if not math.isfinite(value)]
         self.state.bad_steps = self.state.bad_steps + 1 if bad else 0
@@ -257,7 +259,7 @@ class Bookkeeper:
             now = time.perf_counter()
             tokens_per_s = self.tokens_since_log / (now - self.log_clock)
             record = {"step": step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm}
-            record |= {"trained_tokens": num_trained, "tokens_per_s": tokens_per_s}
+            record |= {"trained_tokens": num_trained, "tokens_per_s": tokens_per_s} | (stats or {})
             if self.peak:  # every rank's device counts toward the peak
                 record["mfu"] = self.flops_since_log / (now - self.log_clock) / (self.peak * ranks().world)
             self.log.write(record)
@@ -282,9 +284,11 @@ class Bookkeeper:
                 f"{kept}; lower train.lr, raise train.warmup_steps, or check the data"
             )
 
-    def evaluated(self, losses: dict[str, float]) -> None:
-        """Log held-out losses; a new best (on the first eval set) is saved as checkpoints/best."""
-        self.log.write({"step": self.state.step, **{f"eval_loss/{name}": value for name, value in losses.items()}})
+    def evaluated(self, losses: dict[str, float], extra: dict[str, float] | None = None) -> None:
+        """Log held-out losses (and the objective's other held-out numbers, `extra`); a new best (on
+        the first eval set) is saved as checkpoints/best."""
+        record = {"step": self.state.step, **{f"eval_loss/{name}": value for name, value in losses.items()}}
+        self.log.write(record | (extra or {}))
         improved = self.track_best(losses)
         shown = ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
         self.say(f"{self.label}: step {self.state.step} held-out loss {shown}" + (" (best so far)" if improved else ""))

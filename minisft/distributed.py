@@ -85,14 +85,19 @@ def sum_across_ranks(value: Tensor) -> Tensor:
 
 
 class _Loss(nn.Module):
-    """DDP syncs the gradients of what its module's forward computes: here, the model's loss."""
+    """DDP syncs the gradients of what its module's forward computes: here, one of the model's
+    training methods (`loss` for SFT, `sequence_log_probs` for DPO), named by the caller."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, *loss_args) -> Tensor:  # Transformer.loss's arguments, as Replica.loss passes them
-        return self.model.loss(*loss_args)
+    def forward(self, method: str, *args) -> Tensor:  # the method's arguments, as Replica.run passes them
+        return getattr(self.model, method)(*args)
+
+
+# The model's methods a training step calls instead of forward: FSDP2 gathers parameters for them too.
+TRAINING_METHODS = ("loss", "sequence_log_probs")
 
 
 def shard(model: Transformer) -> None:
@@ -104,7 +109,8 @@ def shard(model: Transformer) -> None:
         fully_shard(block)
     fully_shard(model)
     # `loss` (not only `forward`) gathers the root's parameters: the tied head is used after forward.
-    register_fsdp_forward_method(model, "loss")
+    for method in TRAINING_METHODS:
+        register_fsdp_forward_method(model, method)
 
 
 def full_model_state(model: nn.Module) -> dict | None:
@@ -144,8 +150,11 @@ class Replica:
         document_ids: Tensor | None = None,
     ) -> Tensor:
         """`Transformer.loss`, through DDP when there is one (DDP syncs what its forward computes)."""
-        loss = self.model.loss if self.ddp is None else self.ddp
-        return loss(input_ids, labels, num_trained_tokens, position_ids, document_ids)
+        return self.run("loss", input_ids, labels, num_trained_tokens, position_ids, document_ids)
+
+    def run(self, method: str, *args) -> Tensor:
+        """A training method of the model (TRAINING_METHODS), through DDP when there is one."""
+        return getattr(self.model, method)(*args) if self.ddp is None else self.ddp(method, *args)
 
     def sync_gradients(self, now: bool) -> AbstractContextManager:
         """Around a micro-batch's forward and backward: DDP all-reduces its gradients only when

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from minisft.functions import rms_norm, swiglu
-from minisft.loss import LOSS_BACKENDS, masked_lm_loss
+from minisft.loss import LOGPROB_BACKENDS, LOSS_BACKENDS, masked_lm_loss
 from triton_kernels.documents import document_bounds, document_mask
 
 ROPE_SCALINGS = ("", "linear", "llama3")
@@ -433,3 +433,8 @@ class Transformer(nn.Module):
         """Masked next-token loss; labels are already shifted, -100 where no loss is taken."""
         hidden = self(input_ids, position_ids, document_ids)
         return masked_lm_loss(hidden, self.head_weight, labels, num_trained_tokens, backend=self.backends.loss)
+
+    def sequence_log_probs(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """(B,) Σ log p(label) over each row's trained positions (DPO's log π(y|x)); labels shifted, -100 elsewhere."""
+        hidden = self(input_ids)
+        return LOGPROB_BACKENDS[self.backends.loss](hidden, self.head_weight, labels)

@@ -22,7 +22,7 @@ from minisft.checkpoint import step_checkpoints, write_folder
 from minisft.errors import ConfigError
 
 # What a run writes into its out_dir: found there, the folder holds a run; --overwrite removes these only.
-RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints")
+RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints", "reference_logps.json")  # the last: DPO's (dpo.py)
 
 
 def _listing(folder: Path, limit: int = 3) -> str:

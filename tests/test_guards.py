@@ -69,7 +69,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_norm_is_not_stepped(tmp_path, 
     cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=0, log_every=1, save_every=0)
     monkeypatch.setattr(minisft.train, "optimizer_step", watched_step)
     train_loop(model, TRAIN, {}, cfg, 0, tmp_path)
-    loss, norm = seen["result"]
+    loss, norm, _ = seen["result"]
     assert math.isfinite(loss) and norm == float("inf")
     for name, value in seen["before"].items():
         assert torch.equal(seen["after"][name], value), name  # no update, not even weight decay
