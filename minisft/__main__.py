@@ -4,10 +4,13 @@
   python -m minisft demo --model smollm2                 SFT of SmolLM2-135M on support tickets, measured
   python -m minisft train --config FILE.toml [--section.key VALUE ...]   fine-tune (train --help: every key)
   python -m minisft train --init MODEL_DIR ...           fine-tune a pretrained model (HF, GGUF or minisft)
+  python -m minisft train --init MODEL_DIR --lora.r 16   LoRA: adapters only ([lora] keys in train --help)
+  python -m minisft train --init BASE --adapter DIR      continue from LoRA adapters (minisft's or PEFT's)
   python -m minisft train --resume RUN_DIR               continue a run from its newest checkpoint
   python -m minisft data check FILE [--tokenizer PATH]   the data's quality report
   python -m minisft chat MODEL [--prompt TEXT]           talk to a model in its own chat format
   python -m minisft export MODEL OUT                     write a Hugging Face folder, or OUT.gguf
+  python -m minisft export ADAPTER OUT --merge           a LoRA run's adapters merged into their base
 
 Flags are spelled with underscores, as config keys are (--chat_format, --max_seq_len); a hyphen in a
 flag's name is read as an underscore. Under `torchrun --nproc_per_node N -m minisft train ...` the run
@@ -33,6 +36,7 @@ from minisft.datacheck import check_file, format_report
 from minisft.errors import ConfigError, DivergedError, TrainingError
 from minisft.gguf import GGUF_TYPES, export_gguf
 from minisft.hf import CheckpointError, export_hf
+from minisft.lora import merge_lora
 from minisft.pretrained import SavedModel
 from minisft.tokenizer import Tokenizer
 
@@ -63,6 +67,12 @@ def data_check_command(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     """Refuse what can be refused before the weights load: no chat format, an existing .gguf file."""
     saved = SavedModel(args.model)
+    if args.merge != (saved.adapter is not None):
+        raise ConfigError(
+            f"{saved.path} holds LoRA adapters: pass --merge to fold them into their base and export that"
+            if saved.adapter is not None
+            else f"--merge is for a LoRA adapter folder; {saved.path} is a whole model"
+        )
     if saved.chat_format is None:
         raise CheckpointError(f"{saved.why_no_chat_format()}: the export needs the format it was trained with")
     to_gguf = args.out.endswith(".gguf")
@@ -71,6 +81,8 @@ def export_command(args: argparse.Namespace) -> int:
     if to_gguf and Path(args.out).exists() and not args.overwrite:
         raise CheckpointError(f"{args.out} exists: pass --overwrite to replace it")
     model, tokenizer = saved.load()
+    if args.merge:
+        merge_lora(model)
     if to_gguf:
         out = export_gguf(args.out, model, tokenizer, saved.chat_format, args.gguf_type or "f16", args.overwrite)
     else:
@@ -110,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("out", help="the folder to write (transformers loads it), or a .gguf file (llama.cpp)")
     export.add_argument("--gguf_type", choices=GGUF_TYPES, help="weights in a .gguf file (default f16; norms f32)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing .gguf file")
+    export.add_argument("--merge", action="store_true", help="MODEL is a LoRA adapter: export base + adapters merged")
     args, rest = parser.parse_known_args(underscore_flags(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "data":

@@ -67,6 +67,11 @@ def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_weights(folder: Path, model: Transformer, state_dict: dict | None = None) -> None:
+    """model.safetensors; for a LoRA model, the adapters alone, in PEFT's layout (the base is on disk already)."""
+    if hasattr(model, "lora_config"):
+        from minisft.peft_format import write_adapter  # imported on use: it imports hf.py, which imports us
+
+        return write_adapter(folder, model)
     state_dict = model.state_dict() if state_dict is None else state_dict
     weights = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
     save_file(weights, str(folder / "model.safetensors"))
@@ -146,13 +151,19 @@ def load_checkpoint(
     state_file = folder / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{folder} is not a training checkpoint (no trainer_state.json)")
-    model_state = load_file(str(folder / "model.safetensors"))
+    adapter = hasattr(model, "lora_config")  # a LoRA run's checkpoint holds the adapters alone
+    model_state = {} if adapter else load_file(str(folder / "model.safetensors"))
     saved = json.loads((folder / "optimizer.json").read_text())
     optimizer_state = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), saved)
     if load_states is not None:
         load_states(model_state, optimizer_state)
     else:
-        model.load_state_dict(model_state)
+        if adapter:
+            from minisft.peft_format import load_adapter_weights
+
+            load_adapter_weights(folder, model)
+        else:
+            model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
     rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])

@@ -41,7 +41,7 @@ TARGETS = {
     "up": "mlp.up_proj",
     "down": "mlp.down_proj",
 }
-BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BASE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class LoRAConfig:
     # All seven by default: Biderman et al. 2024 found adapters on the MLP too learn most.
     targets: str = "q,k,v,o,gate,up,down"
     rslora: bool = False  # rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r
-    # Storage of the wrapped projections' frozen weights: fp32, or bf16 (half their memory; each is cast
-    # to the activations' dtype as it is used). Embedding, norms and adapters stay fp32.
+    # Storage of the wrapped projections' frozen weights: fp32 (as loaded), or bf16 (half their memory;
+    # each is cast to the activations' dtype as it is used). Embedding, norms and adapters stay fp32.
     base_dtype: str = "fp32"
     adapter: str = ""  # start from this adapter folder (PEFT layout); its r, alpha, targets and rslora are used
 
@@ -107,7 +107,9 @@ class LoRALinear(nn.Module):
         out = F.linear(x, self.weight.to(x.dtype), self.bias)
         if self.merged:
             return out
-        return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        # The adapters stay fp32 even on a bf16 model (chat on CUDA): x meets them in their dtype.
+        update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
+        return out + update.to(out.dtype)
 
     def delta(self) -> Tensor:
         """s · B A, (out, in) in fp32: what merging adds to W."""
@@ -144,11 +146,14 @@ def apply_lora(model: Transformer, cfg: LoRAConfig) -> dict[str, LoRALinear]:
         for target in cfg.target_list:
             parent_name, _, attr = TARGETS[target].partition(".")
             parent = getattr(block, parent_name)
-            layer = LoRALinear(getattr(parent, attr), cfg.r, cfg.scale, cfg.dropout, BASE_DTYPES[cfg.base_dtype])
+            linear = getattr(parent, attr)
+            dtype = torch.bfloat16 if cfg.base_dtype == "bf16" else linear.weight.dtype  # fp32: as loaded
+            layer = LoRALinear(linear, cfg.r, cfg.scale, cfg.dropout, dtype)
             setattr(parent, attr, layer)
             wrapped[f"layers.{i}.{TARGETS[target]}"] = layer
     if not wrapped:
         raise ConfigError(f"lora.targets={cfg.targets!r} matches no layer of the model")
+    model.lora_config = cfg  # checkpoints see it: they save these adapters alone (peft_format.py)
     return wrapped
 
 

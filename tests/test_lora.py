@@ -201,3 +201,15 @@ def test_a_model_without_blocks_matches_nothing():
     model.layers = torch.nn.ModuleList()
     with pytest.raises(ConfigError, match="matches no layer"):
         apply_lora(model, LoRAConfig(r=2))
+
+
+def test_measuring_the_cpu_peak_leaves_the_random_stream_of_dropout_alone():
+    """The FLOPs peak is measured once per process; it used to draw from torch's global generator, so
+    a process's first run had other dropout masks than its later ones (and than a resumed run)."""
+    from minisft.flops import measured_cpu_peak
+
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    measured_cpu_peak.__wrapped__(1, size=64, repeats=1)
+    assert torch.equal(torch.rand(4), expected)
