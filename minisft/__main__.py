@@ -2,6 +2,7 @@
 
   python -m minisft demo                                 pre-train, then SFT, a tiny model on the CPU
   python -m minisft demo --model smollm2                 SFT of SmolLM2-135M on support tickets, measured
+  python -m minisft demo --model smollm2 --lora 16       the same with LoRA adapters of rank 16
   python -m minisft train --config FILE.toml [--section.key VALUE ...]   fine-tune (train --help: every key)
   python -m minisft train --init MODEL_DIR ...           fine-tune a pretrained model (HF, GGUF or minisft)
   python -m minisft train --init MODEL_DIR --lora.r 16   LoRA: adapters only ([lora] keys in train --help)
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain, on the CPU")
     demo.add_argument("--model", help="the real-model demo instead: 'smollm2' (SmolLM2-135M-Instruct) or a model path")
     demo.add_argument("--threads", type=int, default=1, help="torch threads for --model (0: one per core)")
+    demo.add_argument("--lora", type=int, default=0, metavar="R", help="with --model: LoRA of rank R, not every weight")
     train = commands.add_parser(
         "train",
         help="supervised fine-tuning from a TOML config and --section.key VALUE flags",
@@ -136,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             if rest:
                 raise ConfigError(f"demo takes no options, got {' '.join(rest)}")
+            if args.lora and (args.lora < 0 or not args.model):
+                raise ConfigError("demo --lora R: R at least 1, with --model (LoRA needs a pretrained model)")
             if args.model:
                 from minisft.demo_real import RealDemoConfig, run_real_demo
 
-                run_real_demo(RealDemoConfig(model=args.model, threads=args.threads))
+                run_real_demo(RealDemoConfig(model=args.model, threads=args.threads, lora_r=args.lora))
             else:
                 from minisft.demo import run_demo
 
