@@ -16,7 +16,9 @@ what resuming needs:
     rng.safetensors              torch's CPU generator state, and each CUDA device's
     trainer_state.json           step, data-stream position, Python's RNG state, best eval loss, ...
 
-A step_N folder appears only by the final rename, so one that exists is complete.
+A step_N folder appears only by the final rename, so one that exists is complete. A LoRA run
+(`lora.py`) writes its adapters alone in place of model.safetensors, in PEFT's layout
+(`peft_format.py`): the optimizer then holds only them too.
 """
 
 from __future__ import annotations

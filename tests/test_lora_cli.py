@@ -3,11 +3,14 @@ PEFT's), `--resume` continues bitwise, `export --merge` and `chat` give the same
 mistake is one line, exit code 2, with nothing written. PEFT and transformers are test-only references."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_demo_real import tiny_demo
+from test_demo_real import tiny_model as demo_model_fixture  # noqa: F401 - pytest knows it as tiny_model
 from test_hf import hf_logits, hf_model, save_hf
 from test_resume import Crash, crash_at_step
 from tokenizers import pre_tokenizers
@@ -257,3 +260,18 @@ def test_train_help_lists_the_lora_keys(capsys):
     for key in ("r", "alpha", "dropout", "targets", "rslora", "base_dtype", "adapter"):
         assert f"--lora.{key} " in out, key
     assert "rank-stabilised scale alpha / sqrt(r)" in out
+
+
+def test_real_demo_with_lora_learns_on_a_tiny_model(tiny_model, tmp_path, capsys):
+    """`demo --model PATH --lora R` on the demo test's tiny model: adapters alone learn the answers."""
+    from minisft.demo_real import run_real_demo
+
+    result = run_real_demo(replace(tiny_demo(tiny_model, tmp_path / "demo"), lora_r=8, lora_lr=1e-2))
+    assert "LoRA r=8 on all seven projections, lr 0.01" in capsys.readouterr().out
+    epochs = result["epochs"]
+    assert epochs[2]["train"] < epochs[0]["train"] - 0.5
+
+
+def test_demo_lora_without_a_model_is_refused(capsys):
+    assert main(["demo", "--lora", "8"]) == 2
+    assert "LoRA needs a pretrained model" in capsys.readouterr().err
