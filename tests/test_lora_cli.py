@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_demo_real import tiny_demo
-from test_demo_real import tiny_model as demo_model_fixture  # noqa: F401 - pytest knows it as tiny_model
+from test_demo_real import tiny_model as demo_model_fixture  # noqa: F401 - a fixture
 from test_hf import hf_logits, hf_model, save_hf
 from test_resume import Crash, crash_at_step
 from tokenizers import pre_tokenizers
@@ -262,11 +262,11 @@ def test_train_help_lists_the_lora_keys(capsys):
     assert "rank-stabilised scale alpha / sqrt(r)" in out
 
 
-def test_real_demo_with_lora_learns_on_a_tiny_model(tiny_model, tmp_path, capsys):
+def test_real_demo_with_lora_learns_on_a_tiny_model(demo_model_fixture, tmp_path, capsys):  # noqa: F811
     """`demo --model PATH --lora R` on the demo test's tiny model: adapters alone learn the answers."""
     from minisft.demo_real import run_real_demo
 
-    result = run_real_demo(replace(tiny_demo(tiny_model, tmp_path / "demo"), lora_r=8, lora_lr=1e-2))
+    result = run_real_demo(replace(tiny_demo(demo_model_fixture, tmp_path / "demo"), lora_r=8, lora_lr=1e-2))
     assert "LoRA r=8 on all seven projections, lr 0.01" in capsys.readouterr().out
     epochs = result["epochs"]
     assert epochs[2]["train"] < epochs[0]["train"] - 0.5
