@@ -141,6 +141,11 @@ def start_from(config: RunConfig, backends: Backends) -> tuple[Transformer, Toke
     the config says; -> (model on CPU, tokenizer, chat format, config with the model's shape)."""
     if config.data.tokenizer:
         raise ConfigError(f"data.tokenizer is set, but init={config.init} brings its own tokenizer: leave it empty")
+    if is_adapter_folder(find_model_folder(config.init)):  # adapters on adapters: a base to start from is clearer
+        raise ConfigError(
+            f"init={config.init} holds LoRA adapters: pass its base as init and the adapters as lora.adapter "
+            "(--adapter), or export --merge them and init from the merged folder"
+        )
     model, tokenizer, saved_format = load_pretrained(config.init, backends)
     if saved_format not in (None, config.data.chat_format):
         print(

@@ -224,6 +224,7 @@ def bad_adapter(tmp_path: Path, base: Path, kind: str) -> Path:
         (["--adapter", "PROMPT"], "peft_type 'PROMPT_TUNING' is not supported"),
         (["--adapter", "WIDE"], r"down_proj.lora_A.weight has shape \[4, 64\], this base needs \[4, 48\]"),
         (["--adapter", "TRAINED", "--init", "OTHER"], "these adapters were trained on .*base .*but the base here is"),
+        (["--init", "TRAINED"], "holds LoRA adapters: pass its base as init and the adapters as lora.adapter"),
     ],
 )
 def test_lora_mistakes_are_one_line_errors_and_write_nothing(base, lora_run, tmp_path, capsys, extra, message):
