@@ -158,6 +158,8 @@ def table(base: dict, runs: list[dict]) -> tuple[list[dict], str]:
                 f"score {'met' if points <= TARGETS['score_points'] else 'MISSED'}",
             ]
             verdicts.append(f"- {r['run']}: " + ", ".join(met))
+        else:  # the reference: its ratio columns stay empty (the table's columns are the first row's)
+            row |= dict.fromkeys(["memory ×", "tokens_per_s ×", "forgetting ×", "score Δ pts"], "—")
         rows.append(row)
     head = f"base model: held-out exact {base['score']:.1%}, plain-text loss {base['plain_text']:.3f}\n\n"
     return rows, head + markdown_table(rows) + "\n\ntargets (LoRA / full): " + ", ".join(
