@@ -62,7 +62,7 @@ def child(threads: str, shape: str, steps: int) -> dict:
     replica, times, loss = Replica(model), [], 0.0
     for ids in batches:
         start = time.perf_counter()
-        loss, _ = optimizer_step(replica, optimizer, [Batch(ids[:, :-1], ids[:, 1:])], rows * T, grad_clip=1.0)
+        loss, _, _ = optimizer_step(replica, optimizer, [Batch(ids[:, :-1], ids[:, 1:])], rows * T, grad_clip=1.0)
         times.append(time.perf_counter() - start)
     timed = sum(times[2:])
     return {"threads_used": torch.get_num_threads(), "tokens_per_s": steps * rows * T / timed, "loss": loss}

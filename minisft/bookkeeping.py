@@ -22,17 +22,18 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from minisft.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, step_checkpoints
+from minisft.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, step_checkpoints, step_number
 from minisft.distributed import Replica, ranks
-from minisft.errors import DivergedError, TrainingError
+from minisft.errors import CheckpointError, DivergedError, TrainingError, UnreadableFileError
 from minisft.flops import peak_flops
+from minisft.integrity import finite_weights, run_state
 from minisft.model import Transformer
 
 if TYPE_CHECKING:  # train.py imports this module
@@ -129,24 +130,53 @@ def resume_state(
     cfg: TrainConfig,
     replica: Replica | None = None,
 ) -> RunState:
-    """Load the newest complete checkpoint into model, optimizer and RNGs; -> its RunState."""
+    """Load the newest complete checkpoint into model, optimizer and RNGs; -> its RunState. One whose
+    files cannot be read (truncated, corrupt) is passed over for the one before, with a note; one
+    readable but wrong (a hand-edited trainer_state.json) is an error naming the key."""
     found = step_checkpoints(checkpoints)
     if not found:
         raise TrainingError(f"nothing to resume: {checkpoints} holds no complete step_N checkpoint")
     load_states = partial(replica.load_full_state, optimizer) if replica is not None and replica.fsdp else None
-    saved = load_checkpoint(found[-1], model, optimizer, load_states)
+    for folder in reversed(found):
+        try:
+            saved = load_checkpoint(folder, model, optimizer, load_states)
+            break
+        except UnreadableFileError as err:
+            if folder == found[0]:
+                raise TrainingError(f"{err}; and no older checkpoint is left to resume from") from None
+            if ranks().is_main:
+                print(f"note: {err}; resuming from the checkpoint before it", file=sys.stderr)
+    state_file = folder / "trainer_state.json"
+    run = run_state(saved, {f.name: f.default for f in fields(RunState)}, state_file, step_number(folder))
+    check_same_settings(saved.get("train_config"), cfg, folder)
+    state = RunState(**run)
+    print(f"resuming from {folder} (step {state.step})", file=sys.stderr)
+    return state
+
+
+def check_same_settings(saved: object, cfg: TrainConfig, folder: Path) -> None:
+    """An exact resume needs the checkpoint's train settings; train.steps alone may be raised (the
+    cosine then stretches over the new total), and fsdp may differ (one checkpoint format)."""
+    names = {f.name for f in fields(cfg)}  # a key added since the checkpoint was written is not compared
+    if not isinstance(saved, dict) or not isinstance(saved.get("steps"), int) or not set(saved) <= names:
+        raise CheckpointError(f"{folder / 'trainer_state.json'}: 'train_config' must hold [train] keys: restore it")
+    if cfg.steps < saved["steps"]:
+        raise TrainingError(f"train.steps can only be raised on resume: {folder} was trained toward {saved['steps']}")
     changed = [
         f"{k} (saved {v!r}, now {getattr(cfg, k)!r})"
-        for k, v in saved["train_config"].items()
-        if getattr(cfg, k) != v and k != "fsdp"  # the same checkpoint format with and without FSDP2
+        for k, v in saved.items()
+        if getattr(cfg, k) != v and k not in ("fsdp", "steps")
     ]
     if changed:
         raise TrainingError(
-            f"{found[-1]} was trained with other settings: {', '.join(changed)}; an exact resume needs the same"
+            f"{folder} was trained with other settings: {', '.join(changed)}; an exact resume needs the same"
         )
-    state = RunState(**saved["run"])
-    print(f"resuming from {found[-1]} (step {state.step})", file=sys.stderr)
-    return state
+    if cfg.steps > saved["steps"] and ranks().is_main:
+        print(
+            f"note: train.steps raised from {saved['steps']} to {cfg.steps}: the learning rate follows the "
+            f"schedule of a {cfg.steps}-step run from here on (warmup as before, the cosine stretched)",
+            file=sys.stderr,
+        )
 
 
 class Bookkeeper:
@@ -213,9 +243,11 @@ class Bookkeeper:
         self.log.write({"step": self.state.step, "skipped": "no trained tokens in this step's batches"})
         self.progress.note(f"{self.label}: step {self.state.step} skipped: its batches hold no trained token")
 
-    def stepped(self, loss: float, grad_norm: float, lr: float, num_trained: int, num_tokens: int, width: int) -> None:
+    def stepped(
+        self, loss: float, grad_norm: float, lr: float, num_trained: int, num_tokens: int, width: int, stats=None
+    ) -> None:
         """After an optimizer step over num_tokens real tokens in rows of `width`: the NaN guard, then
-        every log_every steps a metrics record and the progress line."""
+        every log_every steps a metrics record (with the objective's `stats`) and the progress line."""
         step, cfg = self.state.step, self.cfg
         bad = [name for name, value in (("loss", loss), ("grad_norm", grad_norm)) if not math.isfinite(value)]
         self.state.bad_steps = self.state.bad_steps + 1 if bad else 0
@@ -227,7 +259,7 @@ class Bookkeeper:
             now = time.perf_counter()
             tokens_per_s = self.tokens_since_log / (now - self.log_clock)
             record = {"step": step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm}
-            record |= {"trained_tokens": num_trained, "tokens_per_s": tokens_per_s}
+            record |= {"trained_tokens": num_trained, "tokens_per_s": tokens_per_s} | (stats or {})
             if self.peak:  # every rank's device counts toward the peak
                 record["mfu"] = self.flops_since_log / (now - self.log_clock) / (self.peak * ranks().world)
             self.log.write(record)
@@ -241,17 +273,22 @@ class Bookkeeper:
         self.log.write({"step": step, "skipped": f"non-finite {what}"})
         self.say(f"step {step} skipped: non-finite {what} ({state.bad_steps} in a row)")
         if state.bad_steps >= self.cfg.max_bad_steps:
-            found = step_checkpoints(self.checkpoints)
-            none = "no checkpoint was saved (train.save_every = 0)"
-            kept = f"the last good checkpoint is {found[-1]}" if found else none
+            # "Good" means finite weights: an overflowing update (a huge lr) can save inf before any
+            # loss or gradient norm turns non-finite.
+            good = [path for path in step_checkpoints(self.checkpoints) if finite_weights(path)]
+            none = "no checkpoint with finite weights was saved"
+            none = none if self.cfg.save_every else "no checkpoint was saved (train.save_every = 0)"
+            kept = f"the last good checkpoint is {good[-1]}" if good else none
             raise DivergedError(
                 f"training diverged: {state.bad_steps} steps in a row had a non-finite {what} (last: step {step}); "
                 f"{kept}; lower train.lr, raise train.warmup_steps, or check the data"
             )
 
-    def evaluated(self, losses: dict[str, float]) -> None:
-        """Log held-out losses; a new best (on the first eval set) is saved as checkpoints/best."""
-        self.log.write({"step": self.state.step, **{f"eval_loss/{name}": value for name, value in losses.items()}})
+    def evaluated(self, losses: dict[str, float], extra: dict[str, float] | None = None) -> None:
+        """Log held-out losses (and the objective's other held-out numbers, `extra`); a new best (on
+        the first eval set) is saved as checkpoints/best."""
+        record = {"step": self.state.step, **{f"eval_loss/{name}": value for name, value in losses.items()}}
+        self.log.write(record | (extra or {}))
         improved = self.track_best(losses)
         shown = ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
         self.say(f"{self.label}: step {self.state.step} held-out loss {shown}" + (" (best so far)" if improved else ""))

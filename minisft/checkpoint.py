@@ -6,7 +6,8 @@
 
 The chat format travels with the weights so chat and generation render prompts exactly as
 training did. A folder is written under a temporary name, flushed to disk, then renamed: a crash
-mid-save leaves the previous folder whole. Nothing here unpickles anything.
+mid-save leaves the previous folder whole (as folder.old if it fell between the two renames, which
+`recover_folder` puts back when the model is next opened). Nothing here unpickles anything.
 
 A training checkpoint (RUN_DIR/checkpoints/step_N/, and checkpoints/best) is a model folder plus
 what resuming needs:
@@ -33,8 +34,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from minisft.errors import CheckpointError
+from minisft.integrity import read_json, read_tensors
 from minisft.model import Backends, ModelConfig, Transformer
 from minisft.tokenizer import Tokenizer
 
@@ -45,8 +48,17 @@ def _fsync_tree(folder: Path) -> None:
             os.fsync(f.fileno())
 
 
+def recover_folder(folder: str | Path) -> None:
+    """A crash between `write_folder`'s two renames leaves folder.old and no folder: put it back."""
+    folder = Path(folder)
+    old = folder.with_name(folder.name + ".old")
+    if old.is_dir() and not folder.exists():
+        old.rename(folder)
+
+
 def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp) on an empty temporary folder, flush it, then swap it in for `folder`."""
+    """Call write(tmp) on an empty temporary folder, flush it, then swap it in for `folder`. At every
+    moment `folder` or `folder.old` holds a whole version, old or new (`recover_folder`)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,8 +66,8 @@ def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
     write(tmp)
     _fsync_tree(tmp)
     old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():  # else an orphaned .old may be the only copy of the previous version: kept till the end
+        shutil.rmtree(old, ignore_errors=True)  # a leftover: `folder` itself is the previous version
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
@@ -86,9 +98,13 @@ def write_model_meta(folder: Path, config: ModelConfig, tokenizer: Tokenizer, ch
     tokenizer.save(folder)
 
 
-def save_model(folder: str | Path, model: Transformer, tokenizer: Tokenizer, chat_format: str) -> Path:
+def save_model(
+    folder: str | Path, model: Transformer, tokenizer: Tokenizer, chat_format: str, state_dict: dict | None = None
+) -> Path:
+    """state_dict: the weights to write instead of the model's own (FSDP2's, gathered whole)."""
+
     def write(tmp: Path) -> None:
-        write_weights(tmp, model)
+        write_weights(tmp, model, state_dict)
         write_model_meta(tmp, model.config, tokenizer, chat_format)
 
     return write_folder(folder, write)
@@ -100,9 +116,9 @@ def load_model(folder: str | Path, backends: Backends | None = None) -> tuple[Tr
     meta_file = folder / "minisft.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{folder} is not a minisft model folder (no minisft.json)")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file)
     model = Transformer(ModelConfig(**meta["model"]), backends)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model.load_state_dict(read_tensors(folder / "model.safetensors"))
     return model, Tokenizer.from_file(folder), meta["chat_format"]
 
 
@@ -153,10 +169,21 @@ def load_checkpoint(
     state_file = folder / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{folder} is not a training checkpoint (no trainer_state.json)")
+    # Every file is read before anything is loaded: a checkpoint that turns out unreadable half-way
+    # leaves model and optimizer as they were, for the caller to try an older one.
+    state = read_json(state_file)
     adapter = hasattr(model, "lora_config")  # a LoRA run's checkpoint holds the adapters alone
-    model_state = {} if adapter else load_file(str(folder / "model.safetensors"))
-    saved = json.loads((folder / "optimizer.json").read_text())
-    optimizer_state = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), saved)
+    model_state = {} if adapter else read_tensors(folder / "model.safetensors")
+    saved = read_json(folder / "optimizer.json")
+    optimizer_tensors = read_tensors(folder / "optimizer.safetensors")
+    rng = read_tensors(folder / "rng.safetensors")
+    try:
+        version, internal, gauss = state.pop("python_rng")  # JSON turned its tuples into lists
+        python_rng = (version, tuple(internal), gauss)
+        random.Random().setstate(python_rng)  # checked on a throwaway generator first
+        optimizer_state = _unflatten_optimizer(optimizer_tensors, saved)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{folder}: trainer_state.json or optimizer.json is garbled ({err!r})") from None
     if load_states is not None:
         load_states(model_state, optimizer_state)
     else:
@@ -167,13 +194,10 @@ def load_checkpoint(
         else:
             model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
-    rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
-    state = json.loads(state_file.read_text())
-    version, internal, gauss = state.pop("python_rng")  # JSON turned its tuples into lists
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(python_rng)
     return state
 
 
@@ -211,6 +235,11 @@ def step_checkpoints(checkpoints: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if (m := STEP_FOLDER.fullmatch(p.name))]
     return [path for _, path in sorted(found)]
+
+
+def step_number(folder: Path) -> int:
+    """checkpoints/step_12 -> 12."""
+    return int(STEP_FOLDER.fullmatch(folder.name).group(1))
 
 
 def prune_checkpoints(checkpoints: str | Path, keep: int) -> None:

@@ -24,6 +24,7 @@ import difflib
 import inspect
 import io
 import json
+import math
 import textwrap
 import tokenize
 import tomllib
@@ -35,6 +36,7 @@ from typing import Any
 from minisft.chat import CHAT_FORMATS, TRAIN_ON
 from minisft.data import FORMATS, ON_ERROR
 from minisft.dataset import TOO_LONG
+from minisft.dpo import DPOConfig
 from minisft.errors import ConfigError
 from minisft.lora import LoRAConfig
 from minisft.loss import LOSS_BACKENDS
@@ -81,10 +83,12 @@ class RunConfig:
     init: str = ""  # start from this model (Hugging Face or minisft folder) instead of a random one
     freeze_embeddings: bool = False  # with init: keep the token embedding (and a tied head) fixed
     freeze_layers: int = 0  # with init: keep the first N transformer layers fixed
+    objective: str = "sft"  # sft (answers' token loss) or dpo (preference pairs: data files of prompt/chosen/rejected)
     model: ModelConfig = field(default_factory=ModelConfig)  # [model]: the network's shape (model.py)
     data: DataConfig = field(default_factory=DataConfig)  # [data]: files, chat format, lengths (above)
     train: TrainConfig = field(default_factory=TrainConfig)  # [train]: the optimizer and the loop (train.py)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # [lora]: low-rank adapters instead of every weight (lora.py)
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # [dpo]: β and the loss, with objective = "dpo" (dpo.py)
 
     def __post_init__(self) -> None:
         choices = ("auto", *ATTENTION_BACKENDS)
@@ -96,6 +100,10 @@ class RunConfig:
                 raise ValueError(
                     f"{part}: unknown backend {name!r}; choose auto, {', '.join(table)} or '' (as kernels)"
                 )
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.objective == "dpo" and self.data.packing:
+            raise ValueError("data.packing is SFT's: DPO's pairs are padded, each pair's two sequences side by side")
         if self.freeze_layers < 0:
             raise ValueError(f"freeze_layers must be at least 0, got {self.freeze_layers}")
         if (self.freeze_embeddings or self.freeze_layers) and not self.init:
@@ -112,7 +120,8 @@ class RunConfig:
                 raise ValueError("train.fsdp with LoRA is not supported: the adapters are small, use DDP")
 
 
-SECTIONS = ("model", "data", "train", "lora")
+SECTIONS = ("model", "data", "train", "dpo", "lora")
+OBJECTIVES = ("sft", "dpo")
 
 
 def _fields(cls: type) -> dict[str, type]:
@@ -141,7 +150,15 @@ def _unknown(key: str, keys: dict[str, type]) -> ConfigError:
 
 
 def _convert(key: str, value: Any, kind: type) -> Any:
-    """Coerce a TOML value or a command-line string to the field's type, or say why not."""
+    """Coerce a TOML value or a command-line string to the field's type, or say why not; no float
+    key has a use for nan or inf (`--lr inf` would write inf weights into every checkpoint)."""
+    converted = _coerce(key, value, kind)
+    if kind is float and not math.isfinite(converted):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return converted
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         if kind is bool:
@@ -291,8 +308,9 @@ def config_help(width: int = 110) -> str:
         (name, type(getattr(defaults, name)), getattr(defaults, name)) for name in SECTIONS
     ]
     text = [
-        "config keys: a TOML file (--config) holds the top-level keys, then the tables [model], [data], [train]",
-        "and [lora]; on the command line a key is --section.key VALUE, or --key VALUE when the name is unique.",
+        "config keys: a TOML file (--config) holds the top-level keys, then the tables [model], [data],",
+        "[train], [dpo] and [lora]; on the command line a key is --section.key VALUE, or --key VALUE when the name",
+        "is unique.",
     ]
     for section, cls, values in tables:
         text.append(f"\n[{section}]" if section else "")

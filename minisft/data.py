@@ -253,6 +253,13 @@ def to_messages(record: object, where: str, layout: str = "auto", check=None) ->
         turns = [("user", _field(record, "prompt", where), "prompt", [])]
         turns.append(("assistant", _field(record, "completion", where), "completion", []))
     if "system" in record:
+        # Both would render two system turns, and which one the user meant is not ours to guess.
+        if any(role == "system" for role, *_ in turns):
+            key = TURN_LISTS[layout][0]
+            raise DataError(
+                f'{where}: system: a top-level "system" and a system message in {key}: keep one of them',
+                "two system prompts",
+            )
         turns.insert(0, ("system", _field(record, "system", where), "system", []))
     tools = _tools(record["tools"], where) if "tools" in record else []
     for role, content, name, calls in turns:
@@ -390,7 +397,7 @@ def file_layout(path: str | Path) -> str:
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
     if head.startswith(b"["):
         return "json array"
     return "json objects" if head.split(b"\n", 1)[0].strip() == b"{" else "jsonl"
@@ -403,6 +410,8 @@ def read_records(path: str | Path) -> Iterator[tuple[str, object]]:
     path = Path(path)
     kind = file_layout(path)
     with open(path, "rb") as f:
+        if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:  # the mark Windows editors put first
+            f.seek(0)
         yield from _jsonl(f, path) if kind == "jsonl" else _json_values(f, path, array=kind == "json array")
 
 

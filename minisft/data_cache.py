@@ -37,7 +37,9 @@ from safetensors.torch import load_file, save_file
 from minisft.chat import ChatFormat, Example
 from minisft.data import ReadStats
 
-CACHE_VERSION = 2  # 2: tool calling, the llama3.1 format, records a format cannot render skipped
+# 2: tool calling, the llama3.1 format, records a format cannot render skipped; 3: a UTF-8 BOM read,
+# a top-level system beside a system message refused
+CACHE_VERSION = 3
 
 
 def file_sha256(path: str | Path) -> str:

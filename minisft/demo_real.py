@@ -36,6 +36,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from minisft.packing import pack_examples
 from minisft.peft_format import attach_lora
 from minisft.pretrained import SavedModel
 from minisft.tickets import Ticket, make_tickets, score
+from minisft.tokenizer import Tokenizer
 from minisft.train import TrainConfig, autocast, evaluate, train_loop
 
 ALICE = Path(__file__).resolve().parent / "texts" / "alice_chapters_1-3.txt"
@@ -183,24 +185,34 @@ def epoch_losses(metrics_file: Path, steps_per_epoch: int) -> list[dict[str, flo
     return [{k.split("/")[1]: v for k, v in r.items() if k.startswith("eval_loss/")} for r in evals]
 
 
-def run_real_demo(cfg: RealDemoConfig = RealDemoConfig()) -> dict:
+def with_threads(threads: int, run: Callable[[int], dict]) -> dict:
+    """run(the thread count) with torch on `threads` threads (0: torch's default), restored after."""
     saved_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if threads:
+        torch.set_num_threads(threads)
     try:
-        return _run(cfg, torch.get_num_threads())
+        return run(torch.get_num_threads())
     finally:
         torch.set_num_threads(saved_threads)
+
+
+def run_real_demo(cfg: RealDemoConfig = RealDemoConfig()) -> dict:
+    return with_threads(cfg.threads, lambda threads: _run(cfg, threads))
+
+
+def open_chat_model(name: str) -> tuple[SavedModel, Transformer, Tokenizer, ChatFormat]:
+    """The demo's model ('smollm2' or a path), its tokenizer and chat format; refused without one."""
+    saved = SavedModel(find_model(name))
+    if saved.chat_format is None:
+        raise ConfigError(f"{saved.why_no_chat_format()}: the demo needs a model with a chat format")
+    model, tokenizer = saved.load()
+    return saved, model, tokenizer, make_chat_format(saved.chat_format, tokenizer)
 
 
 def _run(cfg: RealDemoConfig, threads: int) -> dict:
     phases = Phases()
     torch.manual_seed(cfg.seed)
-    saved = SavedModel(find_model(cfg.model))
-    if saved.chat_format is None:
-        raise ConfigError(f"{saved.why_no_chat_format()}: the demo needs a model with a chat format")
-    model, tokenizer = saved.load()
-    chat = make_chat_format(saved.chat_format, tokenizer)
+    saved, model, tokenizer, chat = open_chat_model(cfg.model)
     print(f"model: {saved.path.name}, {model.config.num_params() / 1e6:.0f}M parameters, chat format {chat.name}")
 
     train, heldout, train_set, eval_sets = demo_data(cfg, chat)

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from minisft.model import Transformer
@@ -84,14 +85,19 @@ def sum_across_ranks(value: Tensor) -> Tensor:
 
 
 class _Loss(nn.Module):
-    """DDP syncs the gradients of what its module's forward computes: here, the model's loss."""
+    """DDP syncs the gradients of what its module's forward computes: here, one of the model's
+    training methods (`loss` for SFT, `sequence_log_probs` for DPO), named by the caller."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, *loss_args) -> Tensor:  # Transformer.loss's arguments, as Replica.loss passes them
-        return self.model.loss(*loss_args)
+    def forward(self, method: str, *args) -> Tensor:  # the method's arguments, as Replica.run passes them
+        return getattr(self.model, method)(*args)
+
+
+# The model's methods a training step calls instead of forward: FSDP2 gathers parameters for them too.
+TRAINING_METHODS = ("loss", "sequence_log_probs")
 
 
 def shard(model: Transformer) -> None:
@@ -103,7 +109,18 @@ def shard(model: Transformer) -> None:
         fully_shard(block)
     fully_shard(model)
     # `loss` (not only `forward`) gathers the root's parameters: the tied head is used after forward.
-    register_fsdp_forward_method(model, "loss")
+    for method in TRAINING_METHODS:
+        register_fsdp_forward_method(model, method)
+
+
+def full_model_state(model: nn.Module) -> dict | None:
+    """A model sharded by FSDP2: its whole state dict, on the CPU, on rank 0 (empty on the others) —
+    a collective, so every rank calls it. None for a model that is not sharded: its own state_dict()
+    is whole. (state_dict() of a sharded model gives each rank's DTensor shards, which a save cannot
+    read: "Attempted to access the data pointer on an invalid python storage".)"""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -133,8 +150,11 @@ class Replica:
         document_ids: Tensor | None = None,
     ) -> Tensor:
         """`Transformer.loss`, through DDP when there is one (DDP syncs what its forward computes)."""
-        loss = self.model.loss if self.ddp is None else self.ddp
-        return loss(input_ids, labels, num_trained_tokens, position_ids, document_ids)
+        return self.run("loss", input_ids, labels, num_trained_tokens, position_ids, document_ids)
+
+    def run(self, method: str, *args) -> Tensor:
+        """A training method of the model (TRAINING_METHODS), through DDP when there is one."""
+        return getattr(self.model, method)(*args) if self.ddp is None else self.ddp(method, *args)
 
     def sync_gradients(self, now: bool) -> AbstractContextManager:
         """Around a micro-batch's forward and backward: DDP all-reduces its gradients only when
@@ -149,7 +169,7 @@ class Replica:
         if not self.fsdp:
             return None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(self.model, options=options)
+        model_state = full_model_state(self.model)
         by_name = get_optimizer_state_dict(self.model, optimizer, options=options)
         if not by_name:  # not rank 0
             return model_state, {}

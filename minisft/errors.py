@@ -13,3 +13,12 @@ class TrainingError(RuntimeError):
 
 class DivergedError(TrainingError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+class CheckpointError(ValueError):
+    """A model folder or file minisft cannot load as it is; the message says what is wrong and where."""
+
+
+class UnreadableFileError(CheckpointError):
+    """A file that cannot be read at all (truncated, corrupt, missing): `--resume` falls back to the
+    previous checkpoint, where a readable but wrong value is an error to fix."""

@@ -29,12 +29,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minisft.chat import TOOLS_HEAD, TOOLS_TAIL, Llama31, make_chat_format
-from minisft.checkpoint import write_folder
+from minisft.errors import CheckpointError
+from minisft.integrity import open_tensors
 from minisft.model import Backends, ModelConfig, Transformer
+from minisft.outputs import write_into
 from minisft.tokenizer import Tokenizer, read_chat_template
 
 # Architecture -> the model_type config.json gives with it.
@@ -109,10 +110,6 @@ CHAT_TEMPLATES = {
         "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
     ),
 }
-
-
-class CheckpointError(ValueError):
-    """A model folder minisft cannot load as it is; the message says what is wrong and where."""
 
 
 def is_hf_folder(folder: Path) -> bool:
@@ -271,7 +268,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
     single = folder / "model.safetensors"
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with open_tensors(single) as f:
             return dict.fromkeys(f.keys(), single)
     raise CheckpointError(
         f"{folder}: no model.safetensors or model.safetensors.index.json (minisft reads only safetensors: "
@@ -297,7 +294,7 @@ def read_weights(folder: Path, expected: dict[str, torch.Size], dtype: torch.dty
         by_file[files[hf_name(name)]].append(name)
     state = {}
     for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with open_tensors(path) as f:
             for name in names:
                 shape = tuple(f.get_slice(hf_name(name)).get_shape())
                 if shape != tuple(expected[name]):
@@ -357,7 +354,8 @@ def load_hf(
 
 
 def export_hf(folder: str | Path, model: Transformer, tokenizer: Tokenizer, chat_format: str) -> Path:
-    """Write a Hugging Face model folder that transformers' AutoModelForCausalLM loads as is."""
+    """Write a Hugging Face model folder that transformers' AutoModelForCausalLM loads as is: a new
+    folder, or the files below put into an existing one (`export_command` checks it may)."""
     chat = make_chat_format(chat_format, tokenizer)
     stop_ids = list(dict.fromkeys([chat.end_id, tokenizer.eos_id]))  # end of turn first: pitfall 1
     template = CHAT_TEMPLATES.get(chat_format, tokenizer.chat_template)
@@ -379,4 +377,4 @@ def export_hf(folder: str | Path, model: Transformer, tokenizer: Tokenizer, chat
         }
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
-    return write_folder(folder, write)
+    return write_into(folder, write)

@@ -18,10 +18,15 @@ rows only (a prompt token's logits would be computed to be thrown away) and turn
 a chunk of rows at a time under activation checkpointing: a chunk's logits live while its loss is
 computed and are recomputed in the backward, one more (rows, dim) × (dim, V) matmul per chunk. The
 Triton one fuses the head matmul and the cross-entropy in a kernel (`triton_kernels/cross_entropy.py`).
+
+DPO (`dpo.py`) needs per-sequence sums instead, log π(y|x) = Σ_t log p(y_t | y_<t, x) over the
+response: the same two backends, the torch one summing per-token losses into their sequences, the
+Triton one the fused kernel's per-row mode (its backward takes one upstream factor per token).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -31,20 +36,27 @@ from minisft.labels import IGNORE_INDEX
 CHUNK_LOGITS = 2**24  # logits per chunk (64 MiB in fp32): 341 rows at SmolLM2's 49,152-token vocabulary
 
 
-def _chunk_loss_sum(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
+def _chunk_token_losses(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
     logits = hidden @ head_weight.T  # (rows, V)
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def token_losses_torch(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (cross-entropy of each trained position in fp32, those positions' flat indices), chunk by
+    chunk. hidden (..., dim), labels (...)."""
+    labels = labels.reshape(-1)
+    where = (labels != IGNORE_INDEX).nonzero()[:, 0]  # a sync on a GPU (the row count), where the Triton backend runs
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1])[where], labels[where]
+    rows = max(1, CHUNK_LOGITS // head_weight.shape[0])
+    starts = range(0, max(len(labels), 1), rows)  # no trained row: one empty chunk, zero gradients
+    chunks = [slice(start, start + rows) for start in starts]
+    losses = [checkpoint(_chunk_token_losses, hidden[c], head_weight, labels[c], use_reentrant=False) for c in chunks]
+    return torch.cat(losses), where
 
 
 def token_loss_sum_torch(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
     """Σ cross-entropy over trained positions, in fp32, chunk by chunk. hidden (..., dim), labels (...)."""
-    labels = labels.reshape(-1)
-    trained = labels != IGNORE_INDEX  # a sync on a GPU (the row count), where the Triton backend runs
-    hidden, labels = hidden.reshape(-1, hidden.shape[-1])[trained], labels[trained]
-    rows = max(1, CHUNK_LOGITS // head_weight.shape[0])
-    starts = range(0, max(len(labels), 1), rows)  # no trained row: one empty chunk, a 0 with zero gradients
-    chunks = [slice(start, start + rows) for start in starts]
-    return sum(checkpoint(_chunk_loss_sum, hidden[c], head_weight, labels[c], use_reentrant=False) for c in chunks)
+    return token_losses_torch(hidden, head_weight, labels)[0].sum()
 
 
 def token_loss_sum_triton(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
@@ -56,6 +68,24 @@ def token_loss_sum_triton(hidden: Tensor, head_weight: Tensor, labels: Tensor) -
 
 # Name -> Σ-loss function with the signature above (the model's `Backends.loss` picks one).
 LOSS_BACKENDS = {"torch": token_loss_sum_torch, "triton": token_loss_sum_triton}
+
+
+def sequence_log_probs_torch(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
+    """Σ log p(label) over each sequence's trained positions: hidden (B, T, dim), labels (B, T) -> (B,) fp32."""
+    losses, where = token_losses_torch(hidden, head_weight, labels)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+    return -sums.index_add(0, where // labels.shape[1], losses)
+
+
+def sequence_log_probs_triton(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
+    """The same sums by the fused linear kernel's per-row mode: the (B·T, V) logits never exist."""
+    from triton_kernels.cross_entropy import linear_log_probs
+
+    return linear_log_probs(hidden, head_weight, labels)
+
+
+# Name -> per-sequence log-prob function (DPO's log π(y|x)), picked by the same loss backend name.
+LOGPROB_BACKENDS = {"torch": sequence_log_probs_torch, "triton": sequence_log_probs_triton}
 
 
 def masked_lm_loss(

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from minisft.functions import rms_norm, swiglu
-from minisft.loss import LOSS_BACKENDS, masked_lm_loss
+from minisft.loss import LOGPROB_BACKENDS, LOSS_BACKENDS, masked_lm_loss
 from triton_kernels.documents import document_bounds, document_mask
 
 ROPE_SCALINGS = ("", "linear", "llama3")
@@ -347,15 +347,17 @@ class Transformer(nn.Module):
             nn.init.normal_(p, mean=0.0, std=std)
 
     @torch.no_grad()
-    def init_embeddings_as_mean(self, token_ids: list[int]) -> None:
-        """Start rows of never-trained tokens at the mean of the other rows.
+    def init_embeddings_as_mean(self, token_ids: list[int], rows: int = 0) -> None:
+        """Start rows of never-trained tokens at the mean of the other rows — of the first `rows`
+        only, when given: the tokenizer's old vocabulary, not the embedding's unused padding rows.
 
         A token absent from pre-training (a chat marker, a newly added token) keeps a random input
         embedding, and the softmax has pushed its output row far down: its first loss is huge and
         its updates tear through the model. The mean embedding is a neutral start.
         """
         for weight in {id(w): w for w in (self.embed_tokens.weight, self.head_weight)}.values():
-            keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            keep = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+            keep[: rows or weight.shape[0]] = True
             keep[token_ids] = False
             weight[token_ids] = weight[keep].mean(0)
 
@@ -431,3 +433,8 @@ class Transformer(nn.Module):
         """Masked next-token loss; labels are already shifted, -100 where no loss is taken."""
         hidden = self(input_ids, position_ids, document_ids)
         return masked_lm_loss(hidden, self.head_weight, labels, num_trained_tokens, backend=self.backends.loss)
+
+    def sequence_log_probs(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """(B,) Σ log p(label) over each row's trained positions (DPO's log π(y|x)); labels shifted, -100 elsewhere."""
+        hidden = self(input_ids)
+        return LOGPROB_BACKENDS[self.backends.loss](hidden, self.head_weight, labels)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from minisft.chat import CHAT_FORMATS, ChatFormat, make_chat_format
-from minisft.checkpoint import load_model
+from minisft.checkpoint import load_model, recover_folder
 from minisft.errors import ConfigError
 from minisft.gguf import GGUFFile, is_gguf_file
 from minisft.hf import chat_format_of, is_hf_folder, load_hf
@@ -41,6 +41,7 @@ def find_model_folder(path: str | Path) -> Path:
     if is_gguf_file(path):
         return path
     for folder in (path, path / "checkpoints" / "final", path / "model"):
+        recover_folder(folder)  # a save cut off between its two renames left folder.old only
         if (folder / "minisft.json").is_file() or is_hf_folder(folder) or is_adapter_folder(folder):
             return folder
     raise FileNotFoundError(
@@ -106,6 +107,7 @@ def fit_chat_format(model: Transformer, tokenizer: Tokenizer, name: str, train_o
     """The chat format's renderer, after adding the special tokens it needs and the tokenizer
     lacks; the embedding grows to a multiple of 64 rows when they do not fit. -> (format, new ids)."""
     added: list[int] = []
+    old_vocab = tokenizer.vocab_size
     while True:
         try:
             chat = make_chat_format(name, tokenizer, train_on)
@@ -114,6 +116,8 @@ def fit_chat_format(model: Transformer, tokenizer: Tokenizer, name: str, train_o
             added += tokenizer.add_special_tokens([err.token])
     if tokenizer.vocab_size > model.config.vocab_size:
         model.resize_vocab(padded_vocab_size(tokenizer.vocab_size))
+    if added:  # rows that existed unused (the embedding's padding) start at the mean too
+        model.init_embeddings_as_mean(added, rows=old_vocab)
     return chat, added
 
 

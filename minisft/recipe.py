@@ -1,4 +1,4 @@
-"""The SFT recipe: one training run, from a RunConfig to checkpoints/final, top to bottom.
+"""The SFT (or DPO) recipe: one training run, from a RunConfig to checkpoints/final, top to bottom.
 
     python -m minisft train --config run.toml [--section.key value ...]   # the command line's way in
     train(config=load_config("run.toml"))                                   # the same run from Python
@@ -10,7 +10,9 @@
   3. the data: training, held-out and plain-text files -> examples, each reported in one line;
   4. the run folder: config.toml (the resolved config, so `--resume` and readers see what ran),
      and what makes every checkpoint a model folder `chat` and `export` take;
-  5. the loop (`train.py`), then checkpoints/final.
+  5. the loop (`train.py`), then checkpoints/final. With objective = "dpo" the data are preference
+     pairs (`preference.py`), each given its reference log-probs before the first step, and the
+     loop's objective is DPO's (`dpo.py`).
 
 Under `torchrun` every rank runs all of it on its own share of the data; only rank 0 writes.
 """
@@ -22,15 +24,17 @@ from pathlib import Path
 
 import torch
 
-from minisft import distributed
+from minisft import distributed, dpo, preference
 from minisft.chat import ChatFormat, Example, make_chat_format, render_text
 from minisft.checkpoint import save_model, write_model_meta
-from minisft.config import DataConfig, RunConfig, to_toml
+from minisft.config import DataConfig, RunConfig, load_config, to_toml
 from minisft.data import DataError
 from minisft.dataset import load_examples
 from minisft.errors import ConfigError
 from minisft.model import Backends, Transformer, padded_vocab_size
+from minisft.outputs import claim_run_dir, clear_run
 from minisft.peft_format import attach_lora
+from minisft.preference import Pair
 from minisft.pretrained import find_model_folder, start_from
 from minisft.tokenizer import Tokenizer
 from minisft.train import train_loop
@@ -65,6 +69,15 @@ def load_data(path: str, chat: ChatFormat, data: DataConfig, max_seq_len: int) -
     return examples
 
 
+def load_pairs(path: str, chat: ChatFormat, data: DataConfig, max_seq_len: int) -> list[Pair]:
+    """`load_data` for DPO's preference records (`preference.py`)."""
+    pairs, report = preference.load_pairs(path, chat, max_seq_len, data.on_error, data.too_long)
+    print(report.summary().replace(" examples from", " pairs from"))
+    if not pairs:
+        raise DataError(f"no preference pair left in {report.summary()}")
+    return pairs
+
+
 def load_plain_text(path: str, tokenizer: Tokenizer, max_len: int) -> list[Example]:
     """One document per non-empty line, every token trained (data.plain_text_eval: the forgetting
     curve); a longer document is cut to max_len tokens."""
@@ -90,14 +103,16 @@ def new_model(config: RunConfig, backends: Backends) -> tuple[Transformer, Token
     return Transformer(config.model, backends), tokenizer, chat, config
 
 
-def train(*, config: RunConfig, resume: bool = False) -> dict[str, float]:
+def train(*, config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
     """Run the recipe; -> the loop's result (last held-out losses, skipped steps, last step).
 
-    resume=True continues config.out_dir from its newest checkpoint (config must be the run's own)."""
+    resume=True continues config.out_dir from its newest checkpoint (config must be the run's own).
+    An out_dir already holding a run is refused, unless resume, or overwrite (which replaces that run)."""
     if not config.data.train_file or not (config.data.tokenizer or config.init):
         raise ConfigError(
             "data.train_file and data.tokenizer (or init) must be set (in the TOML file or as --data.train_file ...)"
         )
+    claim_run_dir(config.out_dir, resume, overwrite)
     ranks = distributed.setup()
     try:
         # 1. Where, and with which kernels.
@@ -116,33 +131,51 @@ def train(*, config: RunConfig, resume: bool = False) -> dict[str, float]:
             print(f"LoRA r={config.lora.r} on {config.lora.targets}: {trained:,} parameters train")
         model = model.to(device)
 
-        # 3. The data.
+        # 3. The data: conversations, or preference pairs for DPO.
         max_len = min(config.data.max_seq_len, config.model.max_seq_len)
-        train_set = load_data(config.data.train_file, chat, config.data, max_len)
+        load = load_pairs if config.objective == "dpo" else load_data
+        train_set = load(config.data.train_file, chat, config.data, max_len)
         eval_sets = {}  # the first one (held-out chats) picks checkpoints/best and drives early stopping
         if config.data.eval_file:
-            eval_sets["heldout"] = load_data(config.data.eval_file, chat, config.data, max_len)
+            eval_sets["heldout"] = load(config.data.eval_file, chat, config.data, max_len)
         if config.data.plain_text_eval:
             eval_sets["plain_text"] = load_plain_text(config.data.plain_text_eval, tokenizer, max_len)
 
         # 4. The run folder.
         out = Path(config.out_dir)
+        if overwrite and ranks.is_main:  # only now: a run refused on its config or data deletes nothing
+            clear_run(out)
+        distributed.barrier()  # no rank writes before the old run is gone
         out.mkdir(parents=True, exist_ok=True)
         if ranks.is_main and not resume:
             (out / "config.toml").write_text(to_toml(config))
+        elif ranks.is_main and (out / "config.toml").is_file():
+            own = load_config(out / "config.toml")
+            if own.train.steps != config.train.steps:  # --resume RUN --steps N: the next --resume reads N
+                (out / "config.toml").write_text(to_toml(replace(config, out_dir=own.out_dir)))
         print(f"model: {config.model.num_params() / 1e6:.2f}M parameters on {device}, {model.backends}")
 
         def write_extra(folder: Path) -> None:  # makes every checkpoint a model folder `chat` and `export` take
             write_model_meta(folder, model.config, tokenizer, chat.name)
             (folder / "config.toml").write_text(to_toml(config))
 
-        # 5. The loop, then the final model.
-        pack_to = max_len if config.data.packing else 0
+        # 5. The loop, then the final model. DPO: the reference log-probs first, from the model as it starts.
+        pack_to = max_len if config.data.packing and config.objective == "sft" else 0
+        objective, label = None, "train"
+        if config.objective == "dpo":
+            sets = dpo.with_reference(
+                model, {"train": train_set, **eval_sets}, out, resume, tokenizer.pad_id,
+                config.train.eval_batch_size, config.train.precision, ranks.is_main,
+            )  # fmt: skip
+            train_set, eval_sets = sets.pop("train"), sets
+            objective, label = dpo.DPOObjective(config.dpo), "dpo"
         result = train_loop(
-            model, train_set, eval_sets, config.train, tokenizer.pad_id, out, "train", pack_to, resume, write_extra
-        )
+            model, train_set, eval_sets, config.train, tokenizer.pad_id, out, label, pack_to, resume,
+            write_extra, objective,
+        )  # fmt: skip
+        weights = distributed.full_model_state(model)  # FSDP2: gathered whole on rank 0 (every rank joins)
         if ranks.is_main:
-            final = save_model(out / "checkpoints" / "final", model, tokenizer, chat.name)
+            final = save_model(out / "checkpoints" / "final", model, tokenizer, chat.name, weights)
             print(f"saved {final}")
         # Wait for rank 0's final save before any rank leaves: a rank tearing down its process
         # group while another still works can abort the others. (Not on errors: it could hang.)

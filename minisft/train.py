@@ -161,37 +161,41 @@ def optimizer_step(
     num_trained: int,
     grad_clip: float,
     precision: str = "auto",
-) -> tuple[float, float]:
-    """Accumulate Σ loss / num_trained over the micro-batches, clip, step. -> (loss, grad norm).
+    objective: Objective | None = None,
+) -> tuple[float, float, dict[str, float]]:
+    """Accumulate Σ loss / num_trained over the micro-batches, clip, step. -> (loss, grad norm, the
+    objective's step statistics, each a sum over the step / num_trained).
 
     A non-finite loss or gradient norm skips the update: the gradients are dropped, the weights
     and AdamW's moments stay as they were. `replica` is the model as this rank trains it (one for
     the whole run: under torchrun it holds the DDP wrapper); the loss returned is the global one,
-    summed over ranks.
+    summed over ranks. `objective` is SFT's token loss unless given (DPO's: dpo.py), and
+    num_trained its normaliser (trained tokens for SFT, pairs for DPO).
     """
+    objective = objective or Objective()
     model = replica.model
     device = model.embed_tokens.weight.device
-    step_loss = torch.zeros((), device=device)
+    sums = torch.zeros(1 + len(objective.stats), device=device)  # the loss, then the objective's statistics
     for i, batch in enumerate(batches):
-        batch = Batch(*(None if t is None else t.to(device) for t in batch))  # a padded batch has no packing ids
+        batch = type(batch)(*(None if t is None else t.to(device) for t in batch))  # a padded batch has no packing ids
         with replica.sync_gradients(now=i == len(batches) - 1):
             with autocast(device, precision):
-                loss = replica.loss(batch.input_ids, batch.labels, num_trained, batch.position_ids, batch.document_ids)
+                loss, stats = objective.loss(replica, batch, num_trained)
             # Each rank's loss is its share of the global loss (its token losses / the global N),
             # so the gradient we want is the *sum* over ranks; DDP averages (and so does FSDP2's
             # reduce-scatter), so scale by the ranks.
             (loss * replica.world).backward()
-        step_loss += loss.detach()
-    step_loss = sum_across_ranks(step_loss)
+        sums += torch.stack([loss.detach().float(), *stats])
+    sums = sum_across_ranks(sums)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all ranks' gradient shards, replicated
         grad_norm = grad_norm.full_tensor()
-    # The step's one CPU-GPU sync: whether to update depends on these two values.
-    loss_value, norm_value = torch.stack([step_loss, grad_norm.to(step_loss.dtype)]).tolist()
+    # The step's one CPU-GPU sync: whether to update depends on the loss and the norm.
+    loss_value, *stat_values, norm_value = torch.cat([sums, grad_norm.to(sums.dtype).reshape(1)]).tolist()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value
+    return loss_value, norm_value, dict(zip(objective.stats, stat_values, strict=True))
 
 
 def count_tokens(batches: list[Batch], pad_id: int, device: torch.device) -> tuple[int, int]:
@@ -211,6 +215,31 @@ def collate(items: list[Example] | list[list[Example]], pad_id: int) -> Batch:
     if isinstance(items[0], Example):
         return Batch(*pad_batch(items, pad_id))
     return packed_batch(items, pad_id)
+
+
+class Objective:
+    """What a step minimises, and how its micro-batches are made: SFT's masked token loss here;
+    DPO's pair loss in dpo.py overrides each method. `stats` names what `loss` returns besides
+    the loss (sums over the micro-batch, divided by the normaliser), logged every log_every steps."""
+
+    stats: tuple[str, ...] = ()
+
+    def collate(self, items: list, pad_id: int) -> Batch:
+        return collate(items, pad_id)
+
+    def count(self, batches: list[Batch], pad_id: int, device: torch.device) -> tuple[int, int, int]:
+        """-> (the loss's normaliser, trained tokens, real tokens) over the step's batches on all ranks."""
+        trained, real = count_tokens(batches, pad_id, device)
+        return trained, trained, real
+
+    def loss(self, replica: Replica, batch: Batch, normaliser: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return replica.loss(batch.input_ids, batch.labels, normaliser, batch.position_ids, batch.document_ids), []
+
+    def evaluate(
+        self, model: Transformer, items: list, pad_id: int, batch_size: int, precision: str
+    ) -> dict[str, float]:
+        """-> {"": held-out loss} and any other held-out number, by name."""
+        return {"": evaluate(model, items, pad_id, batch_size, precision)}
 
 
 def stream_items(train_set: list[Example], pack_to: int, label: str) -> list[Example] | list[list[Example]]:
@@ -238,6 +267,7 @@ def train_loop(
     pack_to: int = 0,
     resume: bool = False,
     write_extra: Callable[[Path], None] | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, float]:
     """Train in place; append every logged number to run_dir/metrics.jsonl; return the last eval.
 
@@ -252,8 +282,10 @@ def train_loop(
     With cfg.save_every > 0, checkpoints go to run_dir/checkpoints (`checkpoint.py`; write_extra
     adds files of the caller's to each) and resume=True continues from the newest one exactly: the
     same batches, losses and (on CPU, bitwise) weights as a run never interrupted. Logging, eval
-    bookkeeping, checkpoints and the NaN guard are `bookkeeping.py`'s.
+    bookkeeping, checkpoints and the NaN guard are `bookkeeping.py`'s. `objective` is SFT's
+    unless given (DPO: `dpo.py`); items are then whatever it collates.
     """
+    objective = objective or Objective()
     me, device = ranks(), model.embed_tokens.weight.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # for the rest of the process, evaluation and generation too
@@ -269,24 +301,30 @@ def train_loop(
     for step in range(books.state.step + 1, cfg.steps + 1):
         # Every rank takes the micro-batches one process with grad_accum × ranks would, and builds its share.
         taken = [next(stream) for _ in range(cfg.grad_accum * me.world)]
-        batches = [collate(micro, pad_id) for micro in taken[me.rank :: me.world]]
+        batches = [objective.collate(micro, pad_id) for micro in taken[me.rank :: me.world]]
         books.begin_step(step, len(taken))
-        num_trained, num_tokens = count_tokens(batches, pad_id, device)
+        normaliser, num_trained, num_tokens = objective.count(batches, pad_id, device)
         if num_trained == 0:
             books.skip_empty_step()
         else:
             lr = learning_rate(step - 1, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm = optimizer_step(replica, optimizer, batches, num_trained, cfg.grad_clip, cfg.precision)
+            loss, grad_norm, stats = optimizer_step(
+                replica, optimizer, batches, normaliser, cfg.grad_clip, cfg.precision, objective
+            )
             width = max(b.input_ids.shape[1] for b in batches)
-            books.stepped(loss, grad_norm, lr, num_trained, num_tokens, width)  # raises DivergedError
+            books.stepped(loss, grad_norm, lr, num_trained, num_tokens, width, stats)  # raises DivergedError
         # Every rank evaluates (the same weights, the same numbers), so all agree on when to stop.
         if eval_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            last_eval = {
-                name: evaluate(model, ex, pad_id, cfg.eval_batch_size, cfg.precision) for name, ex in eval_sets.items()
+            found = {
+                name: objective.evaluate(model, ex, pad_id, cfg.eval_batch_size, cfg.precision)
+                for name, ex in eval_sets.items()
             }
-            books.evaluated(last_eval)
+            last_eval = {name: values[""] for name, values in found.items()}
+            books.evaluated(
+                last_eval, {f"{what}/{name}": v for name, vs in found.items() for what, v in vs.items() if what}
+            )
         stop_early = books.should_stop_early()
         if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop_early):
             books.save_step()

@@ -11,7 +11,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-CPU_BENCHMARKS = ("bench_tokenize.py", "bench_threads.py", "bench_cpu_sft.py", "bench_lora.py")
+CPU_BENCHMARKS = ("bench_tokenize.py", "bench_threads.py", "bench_cpu_sft.py", "bench_dpo_memory.py", "bench_lora.py")
 GPU_BENCHMARKS = sorted(p for p in (REPO_ROOT / "benchmarks").glob("bench_*.py") if p.name not in CPU_BENCHMARKS)
 
 

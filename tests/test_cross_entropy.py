@@ -19,6 +19,8 @@ from triton_kernels.cross_entropy import (
     cross_entropy_reference,
     linear_cross_entropy,
     linear_cross_entropy_reference,
+    linear_log_probs,
+    linear_log_probs_reference,
 )
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -178,6 +180,64 @@ def test_linear_cross_entropy_matches_torch(reduction, rows, dim, vocab):
     torch.testing.assert_close(loss, linear_cross_entropy_reference(hidden, weight, labels, reduction))
 
 
+# Per-row losses of the fused linear layer take a per-row upstream gradient (DPO's ∂L/∂logp):
+# compared with F.cross_entropy on full fp32 logits, over dtypes, odd V, ignored rows, several chunks.
+LINEAR_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.usefixtures("two_row_chunks")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, dim, vocab", [(9, 16, 301), (1, 8, 7), (20, 32, 33)])
+def test_linear_cross_entropy_per_row_losses_take_a_per_row_upstream_gradient(dtype, rows, dim, vocab):
+    hidden = torch.randn(rows, dim, device=DEVICE).to(dtype)
+    weight = (torch.randn(vocab, dim, device=DEVICE) / dim**0.5).to(dtype)
+    labels = torch.randint(0, vocab, (rows,), device=DEVICE)
+    labels[1::3] = -100
+    upstream = torch.randn(rows, device=DEVICE)
+    ours_h, ours_w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
+    ref_h, ref_w = (t.detach().float().clone().requires_grad_() for t in (hidden, weight))
+    ours = linear_cross_entropy(ours_h, ours_w, labels, "none")
+    ref = F.cross_entropy(ref_h @ ref_w.T, labels, reduction="none")
+    ours.backward(upstream)
+    ref.backward(upstream)
+    tol = LINEAR_TOLERANCE[dtype]
+    assert ours.dtype == torch.float32 and ours_h.grad.dtype == dtype and ours_w.grad.dtype == dtype
+    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+    assert (ours[labels == -100] == 0).all()
+    torch.testing.assert_close(ours_h.grad.float(), ref_h.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(ours_w.grad.float(), ref_w.grad, atol=tol, rtol=tol)
+
+
+@pytest.mark.usefixtures("two_row_chunks")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_log_probs_sum_each_sequence_like_full_logits(dtype):
+    batch, length, dim, vocab = 3, 5, 16, 301
+    hidden = torch.randn(batch, length, dim, device=DEVICE).to(dtype)
+    weight = (torch.randn(vocab, dim, device=DEVICE) / dim**0.5).to(dtype)
+    labels = torch.randint(0, vocab, (batch, length), device=DEVICE)
+    labels[:, :2] = -100  # the prompt
+    labels[2] = -100  # a sequence with nothing trained: log-prob 0, zero gradient
+    upstream = torch.tensor([0.7, -1.3, 2.0], device=DEVICE)
+    ours_h, ours_w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
+    ref_h, ref_w = (t.detach().float().clone().requires_grad_() for t in (hidden, weight))
+    ours, ref = linear_log_probs(ours_h, ours_w, labels), linear_log_probs_reference(ref_h, ref_w, labels)
+    ours.backward(upstream)
+    ref.backward(upstream)
+    tol = LINEAR_TOLERANCE[dtype]
+    assert ours.shape == (batch,) and ours[2] == 0 and (ours_h.grad[2] == 0).all()
+    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(ours_h.grad.float(), ref_h.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(ours_w.grad.float(), ref_w.grad, atol=tol, rtol=tol)
+    # The reference itself against a by-hand sum of log_softmax picks (fp32).
+    logp = torch.log_softmax(hidden.float() @ weight.float().T, -1)
+    by_hand = [
+        sum(logp[b, t, labels[b, t]].item() for t in range(length) if labels[b, t] != -100) for b in range(batch)
+    ]
+    torch.testing.assert_close(
+        linear_log_probs_reference(hidden.float(), weight.float(), labels), torch.tensor(by_hand)
+    )
+
+
 @pytest.mark.usefixtures("two_row_chunks")
 def test_linear_cross_entropy_with_logits_that_overflow_to_minus_inf():
     """A finite linear layer gives a -inf logit when h·w overflows (|h·w| > 3.4e38, fp32 and bf16
@@ -284,7 +344,9 @@ def test_training_step_with_triton_backend_equals_torch_backend():
         # SGD, not AdamW: Adam's g / sqrt(v) turns a 1e-9 difference in a ~0 gradient into a full step.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         batches = [Batch(input_ids[:2], labels[:2]), Batch(input_ids[2:], labels[2:])]  # accumulation, as in training
-        losses[kernels], norms[kernels] = optimizer_step(Replica(model), optimizer, batches, num_trained, grad_clip=1.0)
+        losses[kernels], norms[kernels], _ = optimizer_step(
+            Replica(model), optimizer, batches, num_trained, grad_clip=1.0
+        )
     torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(norms["triton"], norms["torch"], atol=1e-6, rtol=1e-6)
     for (name, p_torch), p_triton in zip(

@@ -68,7 +68,9 @@ def test_data_check_on_100k_records_is_fast_and_counts_duplicates(tmp_path, caps
     code = main(["data", "check", str(path)])
     took = time.perf_counter() - start
     out = capsys.readouterr().out
-    assert took < 8, f"data check took {took:.1f} s on 100k records"
+    # Not a benchmark (~2 s on an idle machine, 10-14 s seen under a load of 6): a bound loose enough
+    # for a busy CI machine that still catches a quadratic duplicate search (minutes at 100k records).
+    assert took < 60, f"data check took {took:.1f} s on 100k records"
     assert code == 2  # the file holds bad records
     assert f"records: 100000 read, {100_000 - bad} valid, {bad} bad" in out
     assert f"duplicates: {exact} exact, {exact + near} near-exact" in out

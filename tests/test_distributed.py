@@ -109,3 +109,37 @@ def test_fsdp_equals_one_process_and_writes_the_same_checkpoints(tmp_path):
     for name, value in load_file(str(fsdp_dir / "model.safetensors")).items():
         assert torch.equal(resumed[name], value), name
     assert [r["step"] for r in train_records(tmp_path / "resumed")] == list(range(1, 7))
+
+
+@pytest.mark.slow  # ~13 s: torchrun and two ranks each import torch
+def test_torchrun_fsdp_train_command_saves_the_final_model(tmp_path):
+    """`torchrun --nproc_per_node 2 -m minisft train ... --train.fsdp true`, as a user types it: the
+    final save gathers the sharded weights on rank 0 (it used to crash in state_dict() of DTensor
+    shards, leaving checkpoints/final.tmp); the result is the one-process run's, with 2× accumulation."""
+    import os
+    import subprocess
+    import sys
+
+    from test_resume import write_train_files
+
+    from minisft.__main__ import main
+    from minisft.checkpoint import load_model
+
+    config = write_train_files(tmp_path, "[train]\nsteps = 4\nbatch_size = 4\nsave_every = 2\neval_every = 2\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "minisft", "train", "--config", str(config), "--train.fsdp", "true"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "final", "step_2", "step_4"]  # no final.tmp
+    final = load_file(str(checkpoints / "final" / "model.safetensors"))
+    assert final.keys() == load_file(str(checkpoints / "step_4" / "model.safetensors")).keys()
+    for name, value in load_file(str(checkpoints / "step_4" / "model.safetensors")).items():
+        assert torch.equal(final[name], value), name
+
+    one = ["--out_dir", str(tmp_path / "one"), "--train.grad_accum", "2"]
+    assert main(["train", "--config", str(config), *one]) == 0
+    single, _, _ = load_model(tmp_path / "one" / "checkpoints" / "final")
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(final[name], value, atol=1e-5, rtol=0, msg=name)

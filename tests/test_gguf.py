@@ -243,7 +243,7 @@ def test_chat_and_export_take_a_gguf_file(tiny_gguf, tmp_path, capsys):
 
     assert main(["export", str(tiny_gguf), str(tmp_path / "hf")]) == 0  # GGUF -> Hugging Face folder
     assert main(["export", str(tiny_gguf), str(tmp_path / "hf2"), "--gguf-type", "bf16"]) == 2
-    assert "--gguf_type and --overwrite are for a .gguf output" in capsys.readouterr().err
+    assert "--gguf_type is for a .gguf output" in capsys.readouterr().err
 
 
 def test_train_init_takes_a_gguf_file(tiny_gguf, tmp_path, capsys):

@@ -110,7 +110,7 @@ def test_optimizer_step_passes_packing_ids_to_the_model():
     ):
         model = tiny_model(1)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        loss, norm = optimizer_step(Replica(model), optimizer, batches, n, grad_clip=0.0)
+        loss, norm, _ = optimizer_step(Replica(model), optimizer, batches, n, grad_clip=0.0)
         results.append((loss, norm, model.embed_tokens.weight.detach().clone()))
     (pad_loss, pad_norm, pad_w), (pack_loss, pack_norm, pack_w) = results
     torch.testing.assert_close(pack_loss, pad_loss, atol=1e-5, rtol=1e-5)

@@ -202,7 +202,7 @@ def test_pitfall_04_gradient_accumulation_equals_the_full_batch():
         model = tiny_model(vocab)
         num_trained = sum(count_trained_tokens(labels) for _, labels in batches)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient itself
-        loss, _ = optimizer_step(Replica(model), optimizer, [Batch(*b) for b in batches], num_trained, grad_clip=0.0)
+        loss, _, _ = optimizer_step(Replica(model), optimizer, [Batch(*b) for b in batches], num_trained, grad_clip=0.0)
         return float(loss), dict(model.named_parameters())
 
     loss_full, after_full = one_step(full)

@@ -222,7 +222,7 @@ def test_train_command_resume_continues_the_run(tmp_path, capsys):
     assert chat_format == "chatml" and (run_dir / "checkpoints" / "best" / "config.toml").read_text() == config_toml
 
     assert main(["train", "--resume", str(run_dir), "--lr", "1"]) == 2
-    assert "drop --lr 1" in capsys.readouterr().err
+    assert "drop --train.lr 1" in capsys.readouterr().err
     # a crash after step 2's checkpoint: steps 3 and 4 are redone, logged once
     (run_dir / "checkpoints" / "step_4").rename(run_dir / "checkpoints" / "step_4.tmp")
     assert main(["train", "--resume", str(run_dir)]) == 0

@@ -29,6 +29,15 @@ immediately consumed by two matmuls, ∂hidden = ∂logits · W and ∂W += ∂l
 full (N, V) logits never exist. Extra memory: one chunk's logits (CHUNK_BYTES, 256 MiB), ∂hidden,
 and ∂W in fp32 (V·d·4 bytes, 1 GiB at 128k × 2048), held from forward to backward.
 
+Per-row mode (reduction='none', DPO's per-token log-probs, `linear_log_probs` sums them per
+sequence): the upstream gradient is one factor per row, g_r = ∂L/∂loss_r, known only after the
+whole loss is — DPO's ∂L/∂log π(y|x) depends on every token of both sequences. So the forward
+keeps only the losses (the kernel still writes a gradient in place, discarded: one extra pass over
+a chunk's logits, small beside its matmul), and the backward recomputes each chunk's logits and
+runs the kernel with `grad_scale_ptr` pointing at the chunk's g_r, then the two matmuls as above:
+∂logits_r = g_r · (softmax(z_r) − onehot(y_r)). Cost: 4 matmuls per chunk instead of 3; memory:
+still one chunk's logits, and ∂W only during the backward.
+
 Not implemented, on purpose: label smoothing and z-loss (SFT here does not use them, and each
 would add a term to every line of the kernel).
 """
@@ -57,7 +66,7 @@ def cross_entropy_kernel(
     grad_row_stride,
     labels_ptr,  # (N,) int64 class ids, or ignore_index
     loss_ptr,  # (N,) fp32 per-row loss, written
-    grad_scale_ptr,  # (1,) fp32 factor for every gradient: 1/count for a mean, 1 for a sum
+    grad_scale_ptr,  # (N,) fp32 factor for each row's gradient: 1/count for a mean, 1 for a sum, ∂L/∂loss_row
     n_cols,  # V
     ignore_index,
     BLOCK: tl.constexpr,
@@ -100,7 +109,7 @@ def cross_entropy_kernel(
     tl.store(loss_ptr + row, lse - z_label)
 
     # 5. Gradient = (softmax - onehot) * scale, written block by block (over the logits if in place).
-    scale = tl.load(grad_scale_ptr)
+    scale = tl.load(grad_scale_ptr + row)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -122,9 +131,13 @@ def _block_size(n_cols: int) -> int:
 
 
 def _launch(logits: Tensor, grad: Tensor, labels: Tensor, grad_scale: Tensor, ignore_index: int) -> Tensor:
-    """Run the kernel over every row; fill `grad`; return the (N,) fp32 per-row losses."""
+    """Run the kernel over every row; fill `grad`; return the (N,) fp32 per-row losses.
+
+    grad_scale: (1,) one factor for every row, or (N,) one per row (an upstream ∂L/∂loss_row)."""
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    # The kernel reads one factor per row: N floats, nothing beside the N·V logits.
+    grad_scale = grad_scale.float().expand(n_rows).contiguous()
     if n_rows:
         cross_entropy_kernel[(n_rows,)](
             logits, logits.stride(0), grad, grad.stride(0), labels, losses, grad_scale, n_cols, ignore_index,
@@ -215,40 +228,80 @@ def _chunk_rows(n_rows: int, vocab: int, element_size: int) -> int:
     return max(1, min(n_rows, CHUNK_BYTES // (vocab * element_size)))
 
 
+def _fused_chunks(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    grad_scale: Tensor,
+    ignore_index: int,
+    dtype: torch.dtype,
+    grads: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One pass over the rows, a chunk at a time: logits = h·Wᵀ, the kernel (losses, and ∂logits in
+    place), then — with grads — ∂hidden = ∂logits·W and ∂W += ∂logitsᵀ·h. -> (losses (N,) fp32,
+    ∂hidden or None, ∂W in fp32 or None); a gradient is None when its input needs none too."""
+    n_rows, device = hidden.shape[0], hidden.device.type
+    w = weight.to(dtype)  # cast once here, not in every chunk's matmuls: saves 3 casts of V·d per chunk
+    grad_hidden = torch.empty_like(hidden) if grads and hidden.requires_grad else None
+    # ∂W accumulates over all chunks: fp32, so many small bf16 updates do not round away.
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads and weight.requires_grad else None
+    losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    chunk = _chunk_rows(n_rows, weight.shape[0], w.element_size())
+    with torch.autocast(device, enabled=False):
+        for start in range(0, n_rows, chunk):
+            rows = slice(start, start + chunk)
+            h = hidden[rows].to(dtype)
+            logits = h @ w.T  # (chunk, V): the only logits that ever exist
+            scale = grad_scale if grad_scale.numel() == 1 else grad_scale[rows]
+            losses[rows] = _launch(logits, logits, labels[rows].contiguous(), scale, ignore_index)
+            if grad_hidden is not None:
+                grad_hidden[rows] = logits @ w
+            if grad_weight is not None:
+                grad_weight += logits.T @ h
+    return losses, grad_hidden, grad_weight
+
+
+def _matmul_dtype(hidden: Tensor) -> torch.dtype:
+    """What autocast would pick (bf16 in training), else the inputs' own."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
+    """reduction 'mean' / 'sum': both gradients are made in the forward pass (the upstream gradient
+    is a single number, applied in backward). reduction 'none': the upstream gradient is one number
+    per row and unknown until backward — DPO's ∂L/∂logp depends on the whole sequence's sum — so
+    the forward keeps only the losses and backward recomputes each chunk's logits with the row
+    factors in the kernel: one more (chunk, d) × (d, V) matmul per chunk, still no (N, V) logits."""
+
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, reduction: str, ignore_index: int) -> Tensor:
         _check_device(hidden)
-        if reduction == "none":
-            raise ValueError("linear_cross_entropy supports reduction 'mean' or 'sum'")
-        n_rows = hidden.shape[0]
-        device = hidden.device.type
-        # Matmul dtype: what autocast would pick (bf16 in training), else the inputs' own. Casting
-        # the weight once here, not in every chunk's matmuls, saves 3 casts of V·d per chunk.
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        w = weight.to(dtype)
+        dtype = _matmul_dtype(hidden)
         grad_scale, divisor = _gradient_scale(labels, reduction, ignore_index)
-        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        # ∂W accumulates over all chunks: fp32, so many small bf16 updates do not round away.
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
-        losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-        chunk = _chunk_rows(n_rows, weight.shape[0], w.element_size())
-        with torch.autocast(device, enabled=False):
-            for start in range(0, n_rows, chunk):
-                rows = slice(start, start + chunk)
-                h = hidden[rows].to(dtype)
-                logits = h @ w.T  # (chunk, V): the only logits that ever exist
-                losses[rows] = _launch(logits, logits, labels[rows].contiguous(), grad_scale, ignore_index)
-                if grad_hidden is not None:
-                    grad_hidden[rows] = logits @ w
-                if grad_weight is not None:
-                    grad_weight += logits.T @ h
+        per_row = reduction == "none"
+        losses, grad_hidden, grad_weight = _fused_chunks(
+            hidden, weight, labels, grad_scale, ignore_index, dtype, grads=not per_row
+        )
+        ctx.reduction, ctx.ignore_index, ctx.dtype, ctx.weight_dtype = reduction, ignore_index, dtype, weight.dtype
+        if per_row:
+            ctx.save_for_backward(hidden, weight, labels)
+            return losses
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         return losses.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        if ctx.reduction == "none":
+            hidden, weight, labels = ctx.saved_tensors
+            hidden = hidden.detach().requires_grad_(ctx.needs_input_grad[0])
+            weight = weight.detach().requires_grad_(ctx.needs_input_grad[1])
+            _, grad_hidden, grad_weight = _fused_chunks(
+                hidden, weight, labels, grad_output.contiguous(), ctx.ignore_index, ctx.dtype, grads=True
+            )
+            if grad_weight is not None:
+                grad_weight = grad_weight.to(ctx.weight_dtype)
+            return grad_hidden, grad_weight, None, None, None
         # Always scale (no `== 1` test and its sync): these are N·d and V·d numbers, not N·V, and
         # in training grad_output is never 1 anyway: 1/N (loss.py divides the sum by the step's
         # token count), world/N under torchrun (train.py scales each rank's loss by the ranks).
@@ -265,10 +318,21 @@ def linear_cross_entropy(
 ) -> Tensor:
     """cross_entropy(hidden @ weight.T, labels) without materialising the (N, V) logits.
 
-    hidden (N, d), weight (V, d), labels (N,). Gradients for hidden and weight are computed in
-    the forward pass, chunk by chunk; the loss is fp32.
+    hidden (N, d), weight (V, d), labels (N,). With 'mean' or 'sum' the gradients for hidden and
+    weight are computed in the forward pass, chunk by chunk; with 'none' the (N,) per-row losses
+    (−log p of each label: a per-token log-prob, negated) take any upstream gradient, and backward
+    recomputes the chunks. The loss is fp32.
     """
     return LinearCrossEntropyFunction.apply(hidden, weight, labels, reduction, ignore_index)
+
+
+def linear_log_probs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Per-sequence Σ log p(label) over the non-ignored positions, from hidden states and the head
+    weight, without the logits: hidden (B, T, d), labels (B, T) -> (B,) fp32 (DPO's log π(y|x))."""
+    losses = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), "none", ignore_index
+    )
+    return -losses.view(labels.shape).sum(-1)
 
 
 def linear_cross_entropy_reference(
@@ -276,6 +340,15 @@ def linear_cross_entropy_reference(
 ) -> Tensor:
     """The same maths in plain PyTorch: the full logits, then `cross_entropy_reference`."""
     return cross_entropy_reference(hidden @ weight.T, labels, reduction, ignore_index)
+
+
+def linear_log_probs_reference(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
+    """The same per-sequence sums from the full (B, T, V) logits: log_softmax, gather, mask, sum."""
+    logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    keep = labels != ignore_index
+    return torch.where(keep, logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0], 0.0).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""The SFT-then-DPO demo: its pieces on a tiny random model (fast); the SmolLM2 run's table is in the README."""
+
+import json
+
+import pytest
+from test_demo_real import tiny_model  # noqa: F401  (the fixture)
+
+from minisft.chat import ChatML
+from minisft.demo_dpo import DPODemoConfig, compact, preference_pairs, run_dpo_demo
+from minisft.labels import IGNORE_INDEX
+from minisft.tickets import make_tickets
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_pairs_prefer_the_compact_json_of_the_same_answer(tiny_model):  # noqa: F811
+    from minisft.checkpoint import load_model
+
+    _, tokenizer, _ = load_model(tiny_model)
+    (ticket,), _ = make_tickets(0, 1, 0)
+    (pair,) = preference_pairs(ChatML(tokenizer), [ticket])
+    trained = lambda e: [t for t in e.labels if t != IGNORE_INDEX]  # noqa: E731
+    end = tokenizer.token_id("<|im_end|>")
+    assert trained(pair.chosen) == tokenizer.encode(compact(ticket.answer())) + [end]
+    assert trained(pair.rejected) == tokenizer.encode(ticket.answer()) + [end]
+    assert json.loads(compact(ticket.answer())) == json.loads(ticket.answer())
+    assert compact(ticket.answer()).startswith('{"category":"') and ticket.answer().startswith('{"category": "')
+
+
+def test_demo_runs_sft_then_dpo_and_measures_both(tiny_model, tmp_path, capsys):  # noqa: F811
+    cfg = DPODemoConfig(
+        model=str(tiny_model), out_dir=str(tmp_path), train_tickets=16, heldout_tickets=4, pack_to=256,
+        sft_lr=3e-3, dpo_lr=1e-3, pairs_per_step=4, general_questions=2,
+    )  # fmt: skip
+    result = run_dpo_demo(cfg)
+    out = capsys.readouterr().out
+    assert [name for name, _, _ in result["phases"]] == [
+        "base measured", "SFT", "SFT measured", "reference log-probs", "DPO", "DPO measured",
+    ]  # fmt: skip
+    assert result["dpo"]["preference"] >= result["sft"]["preference"]
+    assert 0 <= result["dpo"]["implicit"]["reward_accuracy"] <= 1
+    for row in ("held-out preference accuracy", "answers written compact", "general questions right"):
+        assert row in out
+    lines = (tmp_path / "data" / "train_pairs.jsonl").read_text().splitlines()
+    assert len(lines) == 16 and set(json.loads(lines[0])) == {"prompt", "chosen", "rejected"}
+    assert any('"reward_accuracy"' in line for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines())
