@@ -60,8 +60,9 @@ class DPODemoConfig:
     rows_per_step: int = 2
     dpo_epochs: int = 1
     pairs_per_step: int = 8
-    dpo_lr: float = 2e-5
+    dpo_lr: float = 1e-5
     beta: float = 0.1
+    sft_weight: float = 1.0  # RPO's α (dpo.py): without it greedy answers collapsed (README, "After SFT, DPO")
     threads: int = 1
     general_questions: int = len(GENERAL_QUESTIONS)
     max_plain_text_tokens: int = 256
@@ -83,9 +84,9 @@ def preference_pairs(chat: ChatFormat, tickets: list[Ticket]) -> list[Pair]:
     return pairs
 
 
-def preference_accuracy(model, pairs: list[Pair], pad_id: int) -> float:
-    """Share of pairs whose chosen answer the model itself finds likelier: log π(chosen) > log π(rejected)."""
-    scored = reference_log_probs(model, pairs, pad_id, 16, "bf16")
+def preference_accuracy(scored: list[Pair]) -> float:
+    """Share of pairs whose chosen answer the model itself finds likelier: log π(chosen) > log π(rejected),
+    the pairs scored by the model (`reference_log_probs`)."""
     return sum(p.reference[0] > p.reference[1] for p in scored) / len(scored)
 
 
@@ -110,8 +111,10 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
     pad = tokenizer.pad_id
     print(f"model: {saved.path.name}; {len(train)} SFT tickets = {len(train_pairs)} DPO pairs, {len(heldout)} held out")
 
-    def measured(name: str) -> dict:
+    def measured(name: str) -> tuple[dict, list[Pair]]:
+        """The model's results, and the held-out pairs it scored (after SFT: DPO's reference log-probs)."""
         losses = {"plain_text": evaluate(model, plain_text, pad, 16, "bf16")}
+        scored = []
         if name == "base":  # the base never writes the JSON: only its general knowledge is measured
             result = {"general": general_answers(model, chat, questions), "losses": losses}
         else:
@@ -119,11 +122,12 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
             result["compact"] = sum(a == compact(a) if valid_json(a) else False for a in result["answers"]) / len(
                 heldout
             )
-            result["preference"] = preference_accuracy(model, heldout_pairs, pad)
+            scored = reference_log_probs(model, heldout_pairs, pad, 16, "bf16")
+            result["preference"] = preference_accuracy(scored)
         phases.done(f"{name} measured")
-        return result
+        return result, scored
 
-    base = measured("base")
+    base, _ = measured("base")
 
     # 1. SFT: the spaced JSON.
     steps = math.ceil(len(pack_examples(train_set, cfg.pack_to)) / cfg.rows_per_step) * cfg.sft_epochs
@@ -133,21 +137,20 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
     )  # fmt: skip
     train_loop(model, train_set, {}, sft_cfg, pad, out / "sft", "sft", cfg.pack_to)
     phases.done("SFT")
-    sft = measured("SFT")
+    sft, heldout_ref = measured("SFT")
 
-    # 2. DPO: the SFT model is the reference; its log-probs are taken once, here.
+    # 2. DPO: the SFT model is the reference; its log-probs are taken once (the held-out ones just above).
     train_pairs = reference_log_probs(model, train_pairs, pad, 16, "bf16")
-    heldout_ref = reference_log_probs(model, heldout_pairs, pad, 16, "bf16")
     phases.done("reference log-probs")
     dpo_cfg = TrainConfig(
         steps=math.ceil(len(train_pairs) / cfg.pairs_per_step) * cfg.dpo_epochs, batch_size=cfg.pairs_per_step,
         lr=cfg.dpo_lr, warmup_steps=3, eval_every=0, log_every=5, seed=cfg.seed, save_every=0, threads=threads,
         precision="bf16",
     )  # fmt: skip
-    objective = DPOObjective(DPOConfig(beta=cfg.beta))
+    objective = DPOObjective(DPOConfig(beta=cfg.beta, sft_weight=cfg.sft_weight))
     train_loop(model, train_pairs, {}, dpo_cfg, pad, out / "dpo", "dpo", objective=objective)
     phases.done("DPO")
-    tuned = measured("DPO")
+    tuned, _ = measured("DPO")
     tuned["implicit"] = objective.evaluate(model, heldout_ref, pad, 16, "bf16")
     print_results(base, sft, tuned, questions, heldout)
     print(phases.report(threads))

@@ -12,7 +12,14 @@ the per-pair losses are
                                                                   2023), labels flipped with prob. ε
     ipo             (m − 1/(2β))²                                 IPO (Azar et al., 2023, eq. 17)
 
-and a step's loss is their sum over the step's pairs (all micro-batches, all ranks) divided by
+With dpo.sft_weight = α > 0 each pair's loss also holds α times the chosen answer's SFT loss,
+α · (−log π_θ(y_w|x)) / |y_w| (RPO, Pang et al., 2024, "Iterative Reasoning Preference
+Optimization", eq. 3): DPO alone ranks y_w above y_l but may lower both, and the probability y_l
+loses can go to answers neither of them (the demo's README section shows it happen); the SFT term
+keeps y_w likely in absolute terms. |y_w| is the pair's own trained-token count, as in the paper;
+TRL's `rpo_alpha` instead averages the NLL over all chosen tokens of the batch.
+
+A step's loss is the per-pair losses' sum over the step's pairs (all micro-batches, all ranks) divided by
 the number of pairs — the SFT loss's rule, with pairs for tokens. log π(y|x) is the sum of the
 answer's token log-probs, over exactly the positions SFT would train (`preference.py`), taken
 from hidden states and the head weight by the loss backend (`loss.py`): never the (N, V) logits.
@@ -42,6 +49,7 @@ from torch import Tensor
 from minisft.chat import Example
 from minisft.distributed import Replica, sum_across_ranks
 from minisft.errors import ConfigError
+from minisft.labels import IGNORE_INDEX
 from minisft.model import Transformer
 from minisft.packing import pad_batch
 from minisft.preference import Pair
@@ -56,6 +64,7 @@ class DPOConfig:
     beta: float = 0.1  # β: how far the policy may move from the reference (the reward's scale)
     loss_type: str = "sigmoid"  # sigmoid (DPO, Rafailov et al. 2023) or ipo (Azar et al. 2023)
     label_smoothing: float = 0.0  # cDPO: the chance a pair's preference is flipped (sigmoid only; 0 = plain DPO)
+    sft_weight: float = 0.0  # α of RPO (Pang et al. 2024): + α · NLL(chosen) / its tokens, per pair (0 = plain DPO)
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -66,12 +75,20 @@ class DPOConfig:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError("dpo.label_smoothing is cDPO's: it needs dpo.loss_type = 'sigmoid'")
+        if self.sft_weight < 0:
+            raise ValueError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
 
 
 def dpo_losses(
-    chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, cfg: DPOConfig
+    chosen: Tensor,
+    rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    cfg: DPOConfig,
+    chosen_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair log-probs (P,) each -> (per-pair losses, chosen rewards, rejected rewards), fp32."""
+    """Per-pair log-probs (P,) each -> (per-pair losses, chosen rewards, rejected rewards), fp32.
+    chosen_tokens (P,): each chosen answer's trained-token count, needed when cfg.sft_weight > 0."""
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     margin = chosen_ratio - rejected_ratio
     if cfg.loss_type == "ipo":
@@ -79,6 +96,10 @@ def dpo_losses(
     else:
         eps = cfg.label_smoothing
         losses = -(1 - eps) * F.logsigmoid(cfg.beta * margin) - eps * F.logsigmoid(-cfg.beta * margin)
+    if cfg.sft_weight:
+        if chosen_tokens is None:
+            raise ValueError("dpo.sft_weight needs each chosen answer's token count")
+        losses = losses + cfg.sft_weight * -chosen / chosen_tokens.to(chosen.device)
     return losses, cfg.beta * chosen_ratio.detach(), cfg.beta * rejected_ratio.detach()
 
 
@@ -112,12 +133,13 @@ class DPOObjective(Objective):
         pairs = torch.tensor(sum(len(b.reference) // 2 for b in batches), device=device)
         return int(sum_across_ranks(pairs)), trained, real
 
-    def pair_terms(self, logps: Tensor, reference: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """(2P,) policy and reference log-probs -> (per-pair losses, per-pair statistics as `stats`)."""
+    def pair_terms(self, logps: Tensor, batch: PairBatch) -> tuple[Tensor, list[Tensor]]:
+        """(2P,) policy log-probs of the batch -> (per-pair losses, per-pair statistics as `stats`)."""
         n = len(logps) // 2
-        reference = reference.to(logps.device)
+        reference = batch.reference.to(logps.device)
+        chosen_tokens = (batch.labels[:n] != IGNORE_INDEX).sum(dim=1)
         losses, chosen_reward, rejected_reward = dpo_losses(
-            logps[:n], logps[n:], reference[:n], reference[n:], self.cfg
+            logps[:n], logps[n:], reference[:n], reference[n:], self.cfg, chosen_tokens
         )
         logps = logps.detach()
         return losses, [
@@ -129,7 +151,7 @@ class DPOObjective(Objective):
 
     def loss(self, replica: Replica, batch: PairBatch, normaliser: int) -> tuple[Tensor, list[Tensor]]:
         logps = replica.run("sequence_log_probs", batch.input_ids, batch.labels)
-        losses, stats = self.pair_terms(logps, batch.reference)
+        losses, stats = self.pair_terms(logps, batch)
         return losses.sum() / normaliser, [s.sum() / normaliser for s in stats]
 
     @torch.no_grad()
@@ -146,7 +168,7 @@ class DPOObjective(Objective):
             batch = collate_pairs(items[start : start + batch_size], pad_id)
             with autocast(device, precision):
                 logps = model.sequence_log_probs(batch.input_ids.to(device), batch.labels.to(device))
-            losses, stats = self.pair_terms(logps.float(), batch.reference)
+            losses, stats = self.pair_terms(logps.float(), batch)
             sums += torch.stack([t.sum() for t in (losses, *stats)]).cpu()
         model.train(was_training)
         means = (sums / len(items)).tolist()

@@ -43,8 +43,39 @@ def test_dpo_losses_equal_the_papers_formulas_by_hand():
     assert ipo.item() == pytest.approx((margin - 1 / (2 * beta)) ** 2, rel=1e-6)
 
 
+def test_sft_weight_adds_the_chosen_answers_nll_per_token_rpo():
+    """RPO (Pang et al. 2024, eq. 3): DPO's loss + α · (−log π(y_w|x)) / |y_w|; α = 0 is plain DPO."""
+    pc, pr, rc, rr = (
+        torch.tensor([-3.0, -8.0]),
+        torch.tensor([-5.0, -2.0]),
+        torch.tensor([-4.0, -6.0]),
+        torch.tensor([-4.5, -2.5]),
+    )
+    tokens = torch.tensor([4, 16])
+    plain, _, _ = dpo_losses(pc, pr, rc, rr, DPOConfig(beta=0.2))
+    rpo, chosen, rejected = dpo_losses(pc, pr, rc, rr, DPOConfig(beta=0.2, sft_weight=0.5), tokens)
+    by_hand = [
+        -math.log(1 / (1 + math.exp(-0.2 * 1.5))) + 0.5 * 3.0 / 4,
+        -math.log(1 / (1 + math.exp(0.2 * 2.5))) + 0.5 * 8.0 / 16,
+    ]
+    assert rpo.tolist() == pytest.approx(by_hand, rel=1e-6)
+    assert chosen.tolist() == pytest.approx([0.2, -0.4])  # the rewards stay DPO's
+    assert rejected.tolist() == pytest.approx([-0.1, 0.1])
+    same, _, _ = dpo_losses(pc, pr, rc, rr, DPOConfig(beta=0.2, sft_weight=0.0), tokens)
+    assert torch.equal(same, plain)
+    with pytest.raises(ValueError, match="token count"):
+        dpo_losses(pc, pr, rc, rr, DPOConfig(beta=0.2, sft_weight=0.5))
+
+
 @pytest.mark.parametrize(
-    "bad", [{"beta": 0}, {"loss_type": "hinge"}, {"label_smoothing": 0.5}, {"loss_type": "ipo", "label_smoothing": 0.1}]
+    "bad",
+    [
+        {"beta": 0},
+        {"loss_type": "hinge"},
+        {"label_smoothing": 0.5},
+        {"loss_type": "ipo", "label_smoothing": 0.1},
+        {"sft_weight": -1},
+    ],
 )
 def test_dpo_config_refuses_bad_values(bad):
     with pytest.raises(ValueError, match="dpo."):
@@ -90,19 +121,22 @@ def test_grad_accumulation_normalises_by_the_steps_pairs(tmp_path):
     assert full_stats == pytest.approx(acc_stats, rel=1e-5)
 
 
-def test_dpo_gradient_through_the_model_equals_autograd_on_full_logits(tmp_path):
-    """The objective's loss (chunked log-probs) against the same maths written out on full logits."""
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_dpo_gradient_through_the_model_equals_autograd_on_full_logits(tmp_path, sft_weight):
+    """The objective's loss (chunked log-probs) against the same maths written out on full logits;
+    with sft_weight, + α · the chosen answer's mean token NLL, its tokens counted from the labels."""
     pairs, _ = load_pairs(write(tmp_path, RECORDS[:3]), ChatML(TOKENIZER), 64)
     pairs = reference_log_probs(tiny_model(vocab_size=300, seed=2), pairs, 0, 8, "fp32")
     batch = collate_pairs(pairs, 0)
     model = tiny_model(vocab_size=300, seed=3)
-    loss, _ = DPOObjective(DPOConfig(beta=0.3)).loss(Replica(model), batch, 3)
+    loss, _ = DPOObjective(DPOConfig(beta=0.3, sft_weight=sft_weight)).loss(Replica(model), batch, 3)
     ours = torch.autograd.grad(loss, list(model.parameters()))
     logp = torch.log_softmax(model.logits(model(batch.input_ids)), -1)
     keep = batch.labels != IGNORE_INDEX
     seq = torch.where(keep, logp.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0], 0.0).sum(-1)
     ratio = seq - batch.reference
-    ref_loss = -F.logsigmoid(0.3 * (ratio[:3] - ratio[3:])).mean()
+    nll = -seq[:3] / keep[:3].sum(-1)
+    ref_loss = (-F.logsigmoid(0.3 * (ratio[:3] - ratio[3:])) + sft_weight * nll).mean()
     ref = torch.autograd.grad(ref_loss, list(model.parameters()))
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for a, b in zip(ours, ref, strict=True):
@@ -267,6 +301,19 @@ def test_dpo_command_logs_rewards_stores_the_reference_and_resumes(tmp_path, cap
     (run_dir / "reference_logps.json").unlink()
     assert main(["dpo", "--resume", str(run_dir)]) == 2
     assert "reference_logps.json is missing" in capsys.readouterr().err
+
+
+def test_dpo_command_takes_sft_weight_from_the_config(tmp_path):
+    """[dpo] sft_weight reaches the loss: step 1 (policy = reference, all 24 pairs in the batch) is
+    log 2 + α · the mean over pairs of −log π_ref(chosen) / its tokens, from the stored reference."""
+    config = dpo_files(tmp_path, "[dpo]\nbeta = 0.5\nsft_weight = 0.7\n")
+    assert main(["dpo", "--config", str(config), "--train.batch_size", "24", "--train.steps", "1"]) == 0
+    run_dir = tmp_path / "run"
+    ref_chosen = [c for c, _ in json.loads((run_dir / "reference_logps.json").read_text())["train"]["logps"]]
+    pairs, _ = load_pairs(tmp_path / "train.jsonl", ChatML(TOKENIZER), 64)
+    nll = [-c / p.chosen.num_trained_tokens for c, p in zip(ref_chosen, pairs, strict=True)]
+    first = next(r for r in metrics(run_dir) if "train_loss" in r)
+    assert first["train_loss"] == pytest.approx(math.log(2) + 0.7 * sum(nll) / len(nll), rel=1e-5)
 
 
 def test_dpo_command_bad_data_is_one_line_and_exit_2(tmp_path, capsys):
