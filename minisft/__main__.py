@@ -2,15 +2,19 @@
 
   python -m minisft demo                                 pre-train, then SFT, a tiny model on the CPU
   python -m minisft demo --model smollm2                 SFT of SmolLM2-135M on support tickets, measured
+  python -m minisft demo --model smollm2 --lora 16       the same with LoRA adapters of rank 16
   python -m minisft demo --model smollm2 --dpo           SFT, then DPO teaching a preference SFT never saw
   python -m minisft train --config FILE.toml [--section.key VALUE ...]   fine-tune (train --help: every key)
   python -m minisft train --init MODEL_DIR ...           fine-tune a pretrained model (HF, GGUF or minisft)
+  python -m minisft train --init MODEL_DIR --lora.r 16   LoRA: adapters only ([lora] keys in train --help)
+  python -m minisft train --init BASE --adapter DIR      continue from LoRA adapters (minisft's or PEFT's)
   python -m minisft train --resume RUN_DIR               continue a run from its newest checkpoint
   python -m minisft train ... --overwrite                replace the run out_dir holds (else refused)
   python -m minisft dpo --config FILE.toml --init SFT_RUN   preference tuning (train with objective = "dpo")
   python -m minisft data check FILE [--tokenizer PATH]   the data's quality report
   python -m minisft chat MODEL [--prompt TEXT]           talk to a model in its own chat format
   python -m minisft export MODEL OUT [--overwrite]       write a Hugging Face folder (new or empty), or OUT.gguf
+  python -m minisft export ADAPTER OUT --merge           a LoRA run's adapters merged into their base
 
 Flags are spelled with underscores, as config keys are (--chat_format, --max_seq_len); a hyphen in a
 flag's name is read as an underscore. Under `torchrun --nproc_per_node N -m minisft train ...` the run
@@ -37,6 +41,7 @@ from minisft.datacheck import check_file, format_report
 from minisft.errors import ConfigError, DivergedError, TrainingError
 from minisft.gguf import GGUF_TYPES, export_gguf
 from minisft.hf import CheckpointError, export_hf
+from minisft.lora import merge_lora
 from minisft.outputs import check_export_target, interrupted
 from minisft.pretrained import SavedModel
 from minisft.tokenizer import Tokenizer
@@ -78,6 +83,12 @@ def export_command(args: argparse.Namespace) -> int:
     """Refuse what can be refused before the weights load: no chat format, an OUT that is not new
     or empty (without --overwrite), the model's own folder (`outputs.py`)."""
     saved = SavedModel(args.model)
+    if args.merge != (saved.adapter is not None):
+        raise ConfigError(
+            f"{saved.path} holds LoRA adapters: pass --merge to fold them into their base and export that"
+            if saved.adapter is not None
+            else f"--merge is for a LoRA adapter folder; {saved.path} is a whole model"
+        )
     if saved.chat_format is None:
         raise CheckpointError(f"{saved.why_no_chat_format()}: the export needs the format it was trained with")
     to_gguf = args.out.endswith(".gguf")
@@ -85,6 +96,8 @@ def export_command(args: argparse.Namespace) -> int:
         raise ConfigError("--gguf_type is for a .gguf output")
     check_export_target(args.out, saved.path, args.overwrite)
     model, tokenizer = saved.load()
+    if args.merge:
+        merge_lora(model)
     if to_gguf:
         out = export_gguf(args.out, model, tokenizer, saved.chat_format, args.gguf_type or "f16", args.overwrite)
     else:
@@ -100,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="pre-train then SFT a tiny model on a synthetic domain, on the CPU")
     demo.add_argument("--model", help="the real-model demo instead: 'smollm2' (SmolLM2-135M-Instruct) or a model path")
     demo.add_argument("--threads", type=int, default=1, help="torch threads for --model (0: one per core)")
+    demo.add_argument("--lora", type=int, default=0, metavar="R", help="with --model: LoRA of rank R, not every weight")
     demo.add_argument("--dpo", action="store_true", help="with --model: SFT, then DPO for a preference SFT never saw")
     runs = {  # the two training commands: the same config keys and flags, another objective
         "train": (
@@ -138,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="replace an existing .gguf file, or the files export writes in a non-empty folder",
     )
+    export.add_argument("--merge", action="store_true", help="MODEL is a LoRA adapter: export base + adapters merged")
     args, rest = parser.parse_known_args(underscore_flags(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "data":
@@ -151,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             if rest:
                 raise ConfigError(f"demo takes no options, got {' '.join(rest)}")
+            if args.lora and (args.lora < 0 or not args.model or args.dpo):
+                raise ConfigError("demo --lora R: R ≥ 1, with --model (LoRA needs a pretrained model), without --dpo")
             if args.dpo:
                 from minisft.demo_dpo import DPODemoConfig, run_dpo_demo
 
@@ -158,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.model:
                 from minisft.demo_real import RealDemoConfig, run_real_demo
 
-                run_real_demo(RealDemoConfig(model=args.model, threads=args.threads))
+                run_real_demo(RealDemoConfig(model=args.model, threads=args.threads, lora_r=args.lora))
             else:
                 from minisft.demo import run_demo
 

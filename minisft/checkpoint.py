@@ -17,7 +17,9 @@ what resuming needs:
     rng.safetensors              torch's CPU generator state, and each CUDA device's
     trainer_state.json           step, data-stream position, Python's RNG state, best eval loss, ...
 
-A step_N folder appears only by the final rename, so one that exists is complete.
+A step_N folder appears only by the final rename, so one that exists is complete. A LoRA run
+(`lora.py`) writes its adapters alone in place of model.safetensors, in PEFT's layout
+(`peft_format.py`): the optimizer then holds only them too.
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_weights(folder: Path, model: Transformer, state_dict: dict | None = None) -> None:
+    """model.safetensors; for a LoRA model, the adapters alone, in PEFT's layout (the base is on disk already)."""
+    if hasattr(model, "lora_config"):
+        from minisft.peft_format import write_adapter  # imported on use: it imports hf.py, which imports us
+
+        return write_adapter(folder, model)
     state_dict = model.state_dict() if state_dict is None else state_dict
     weights = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
     save_file(weights, str(folder / "model.safetensors"))
@@ -165,7 +172,8 @@ def load_checkpoint(
     # Every file is read before anything is loaded: a checkpoint that turns out unreadable half-way
     # leaves model and optimizer as they were, for the caller to try an older one.
     state = read_json(state_file)
-    model_state = read_tensors(folder / "model.safetensors")
+    adapter = hasattr(model, "lora_config")  # a LoRA run's checkpoint holds the adapters alone
+    model_state = {} if adapter else read_tensors(folder / "model.safetensors")
     saved = read_json(folder / "optimizer.json")
     optimizer_tensors = read_tensors(folder / "optimizer.safetensors")
     rng = read_tensors(folder / "rng.safetensors")
@@ -179,7 +187,12 @@ def load_checkpoint(
     if load_states is not None:
         load_states(model_state, optimizer_state)
     else:
-        model.load_state_dict(model_state)
+        if adapter:
+            from minisft.peft_format import load_adapter_weights
+
+            load_adapter_weights(folder, model)
+        else:
+            model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():

@@ -5,6 +5,8 @@
     dim = 256
     [train]
     lr = 3e-4
+    [lora]                           # LoRAConfig (lora.py): r > 0 trains adapters instead of the weights
+    r = 16
 
 On the command line a key is `--section.key value` (`--train.lr 3e-4`), or just `--key value`
 when the name is unique (`--lr 3e-4`). Every mistake — an unknown key, a value of the wrong type,
@@ -36,6 +38,7 @@ from minisft.data import FORMATS, ON_ERROR
 from minisft.dataset import TOO_LONG
 from minisft.dpo import DPOConfig
 from minisft.errors import ConfigError
+from minisft.lora import LoRAConfig
 from minisft.loss import LOSS_BACKENDS
 from minisft.model import ATTENTION_BACKENDS, ModelConfig
 from minisft.train import TrainConfig
@@ -84,6 +87,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # [model]: the network's shape (model.py)
     data: DataConfig = field(default_factory=DataConfig)  # [data]: files, chat format, lengths (above)
     train: TrainConfig = field(default_factory=TrainConfig)  # [train]: the optimizer and the loop (train.py)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # [lora]: low-rank adapters instead of every weight (lora.py)
     dpo: DPOConfig = field(default_factory=DPOConfig)  # [dpo]: β and the loss, with objective = "dpo" (dpo.py)
 
     def __post_init__(self) -> None:
@@ -104,9 +108,19 @@ class RunConfig:
             raise ValueError(f"freeze_layers must be at least 0, got {self.freeze_layers}")
         if (self.freeze_embeddings or self.freeze_layers) and not self.init:
             raise ValueError("freeze_embeddings and freeze_layers need init: a random model has nothing worth keeping")
+        lora = self.lora
+        if not lora.enabled and lora != LoRAConfig():
+            raise ValueError("lora.r must be at least 1 for LoRA (the [lora] keys set do nothing with r = 0)")
+        if lora.enabled:
+            if not self.init:
+                raise ValueError("LoRA needs init: adapters on a random model have nothing worth keeping")
+            if self.freeze_embeddings or self.freeze_layers:
+                raise ValueError("freeze_embeddings and freeze_layers mean nothing with LoRA: the whole base is frozen")
+            if self.train.fsdp:
+                raise ValueError("train.fsdp with LoRA is not supported: the adapters are small, use DDP")
 
 
-SECTIONS = ("model", "data", "train", "dpo")
+SECTIONS = ("model", "data", "train", "dpo", "lora")
 OBJECTIVES = ("sft", "dpo")
 
 
@@ -295,7 +309,8 @@ def config_help(width: int = 110) -> str:
     ]
     text = [
         "config keys: a TOML file (--config) holds the top-level keys, then the tables [model], [data],",
-        "[train] and [dpo]; on the command line a key is --section.key VALUE, or --key VALUE when the name is unique.",
+        "[train], [dpo] and [lora]; on the command line a key is --section.key VALUE, or --key VALUE when the name",
+        "is unique.",
     ]
     for section, cls, values in tables:
         text.append(f"\n[{section}]" if section else "")

@@ -10,7 +10,8 @@ What the promise of SFT looks like on a real model, every number measured in the
 2. Base: greedy answers to the 200 held-out tickets, scored by parsing the JSON; the loss on
    training and held-out answers; the plain-text loss on 55 paragraphs of *Alice's Adventures in
    Wonderland* (`texts/`, in no training set here); and 14 general questions.
-3. SFT: every weight trained, loss on the answers only, 2 epochs; the losses after each.
+3. SFT: every weight trained (or, with `--lora R`, rank-R adapters alone), loss on the answers
+   only, 2 epochs; the losses after each.
 4. After: the same measurements. The table shows the gain (held-out score), the overfitting
    signal (train vs held-out loss per epoch) and the forgetting (plain-text loss, general questions).
 
@@ -45,8 +46,10 @@ from minisft.chat import ChatFormat, Example, make_chat_format, render_text
 from minisft.demo import write_jsonl
 from minisft.errors import ConfigError
 from minisft.generate import generate_greedy
+from minisft.lora import LoRAConfig
 from minisft.model import Transformer
 from minisft.packing import pack_examples
+from minisft.peft_format import attach_lora
 from minisft.pretrained import SavedModel
 from minisft.tickets import Ticket, make_tickets, score
 from minisft.tokenizer import Tokenizer
@@ -91,6 +94,8 @@ class RealDemoConfig:
     threads: int = 1  # torch threads (0: torch's default, one per core), as train.threads
     general_questions: int = len(GENERAL_QUESTIONS)
     max_plain_text_tokens: int = 256  # a paragraph longer than this is cut
+    lora_r: int = 0  # > 0: LoRA of this rank on all seven projections instead of full fine-tuning (--lora R)
+    lora_lr: float = 1e-3  # LoRA's lr: adapters want ~10x full fine-tuning's (Biderman et al. 2024, sec. 4)
 
 
 def find_model(name: str) -> str:
@@ -210,19 +215,10 @@ def _run(cfg: RealDemoConfig, threads: int) -> dict:
     saved, model, tokenizer, chat = open_chat_model(cfg.model)
     print(f"model: {saved.path.name}, {model.config.num_params() / 1e6:.0f}M parameters, chat format {chat.name}")
 
-    train, heldout = make_tickets(cfg.seed, cfg.train_tickets, cfg.heldout_tickets)
+    train, heldout, train_set, eval_sets = demo_data(cfg, chat)
     out = Path(cfg.out_dir)
     write_jsonl(out / "data" / "train.jsonl", [t.conversation() for t in train])  # what SFT trains on
     write_jsonl(out / "data" / "heldout.jsonl", [t.conversation() for t in heldout])
-    train_set = chat.render_many([t.conversation() for t in train])
-    by_length = lambda examples: sorted(examples, key=lambda e: len(e.input_ids))  # little padding in evals
-    eval_sets = {
-        "heldout": by_length(chat.render_many([t.conversation() for t in heldout[: cfg.loss_tickets]])),
-        "train": by_length(train_set[: cfg.loss_tickets]),
-        "plain_text": by_length(
-            [cut(render_text(tokenizer, p), cfg.max_plain_text_tokens) for p in alice_paragraphs()]
-        ),
-    }
     questions = GENERAL_QUESTIONS[: cfg.general_questions]
     new = sum(t.new_phrasing for t in heldout)
     print(
@@ -233,23 +229,15 @@ def _run(cfg: RealDemoConfig, threads: int) -> dict:
     phases.done("load")
 
     steps_per_epoch = math.ceil(len(pack_examples(train_set, cfg.pack_to)) / cfg.rows_per_step)
-    train_cfg = TrainConfig(
-        steps=cfg.epochs * steps_per_epoch,
-        batch_size=cfg.rows_per_step,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        eval_every=steps_per_epoch,  # after each epoch
-        eval_batch_size=16,
-        log_every=5,
-        seed=cfg.seed,
-        save_every=0,  # the demo keeps no checkpoints: it measures
-        threads=threads,
-        precision="bf16",
-    )
+    train_cfg = demo_train_config(cfg, steps_per_epoch, threads)
     base_losses = {name: evaluate(model, ex, tokenizer.pad_id, 16, "bf16") for name, ex in eval_sets.items()}
     base = measure(model, chat, heldout, questions, base_losses)
     phases.done("base model measured")
 
+    if cfg.lora_r:  # the base frozen; step 0 is still the base model measured above
+        torch.manual_seed(cfg.seed)
+        attach_lora(model, demo_lora(cfg.lora_r), saved.path)
+        print(f"LoRA r={cfg.lora_r} on all seven projections, lr {cfg.lora_lr:g} (full fine-tuning: {cfg.lr:g})")
     print(f"SFT: {cfg.epochs} epochs of {steps_per_epoch} steps, {cfg.rows_per_step} rows of {cfg.pack_to} tokens each")
     metrics = out / "sft" / "metrics.jsonl"
     metrics.unlink(missing_ok=True)  # a rerun's numbers only
@@ -262,6 +250,43 @@ def _run(cfg: RealDemoConfig, threads: int) -> dict:
     print_results(base, tuned, epochs, questions, heldout)
     print(phases.report(threads))
     return {"base": base, "tuned": tuned, "epochs": epochs, "phases": phases.rows}
+
+
+def demo_data(cfg: RealDemoConfig, chat: ChatFormat) -> tuple[list[Ticket], list[Ticket], list[Example], dict]:
+    """-> (training tickets, held-out tickets, the rendered training set, the eval sets by name)."""
+    train, heldout = make_tickets(cfg.seed, cfg.train_tickets, cfg.heldout_tickets)
+    train_set = chat.render_many([t.conversation() for t in train])
+    by_length = lambda examples: sorted(examples, key=lambda e: len(e.input_ids))  # little padding in evals
+    eval_sets = {
+        "heldout": by_length(chat.render_many([t.conversation() for t in heldout[: cfg.loss_tickets]])),
+        "train": by_length(train_set[: cfg.loss_tickets]),
+        "plain_text": by_length(
+            [cut(render_text(chat.tokenizer, p), cfg.max_plain_text_tokens) for p in alice_paragraphs()]
+        ),
+    }
+    return train, heldout, train_set, eval_sets
+
+
+def demo_lora(r: int) -> LoRAConfig:
+    """Adapters on all seven projections (Biderman et al. 2024: the MLP's matter most), alpha = 2r:
+    the same update scale at every rank, so ranks compare at one learning rate."""
+    return LoRAConfig(r=r, alpha=2.0 * r)
+
+
+def demo_train_config(cfg: RealDemoConfig, steps_per_epoch: int, threads: int) -> TrainConfig:
+    return TrainConfig(
+        steps=cfg.epochs * steps_per_epoch,
+        batch_size=cfg.rows_per_step,
+        lr=cfg.lora_lr if cfg.lora_r else cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        eval_every=steps_per_epoch,  # after each epoch
+        eval_batch_size=16,
+        log_every=5,
+        seed=cfg.seed,
+        save_every=0,  # the demo keeps no checkpoints: it measures
+        threads=threads,
+        precision="bf16",
+    )
 
 
 def cut(example: Example, max_len: int) -> Example:

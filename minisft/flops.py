@@ -54,7 +54,10 @@ def peak_flops(device: torch.device) -> float | None:
 def measured_cpu_peak(threads: int, size: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of the fastest of `repeats` fp32 (size × size) matmuls on this CPU, at `threads` threads
     (the argument only keys the cache: the matmuls run at torch's current setting)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    # A generator of its own: drawing from torch's global one (once per process, cached) would shift
+    # the training's random stream (dropout) in a process's first run only.
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
     a @ b  # the first call pays for allocation and thread start-up
     best = float("inf")
     for _ in range(repeats):

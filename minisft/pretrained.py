@@ -27,6 +27,7 @@ from minisft.errors import ConfigError
 from minisft.gguf import GGUFFile, is_gguf_file
 from minisft.hf import chat_format_of, is_hf_folder, load_hf
 from minisft.model import Backends, ModelConfig, Transformer, padded_vocab_size
+from minisft.peft_format import adapter_base, attach_lora, is_adapter_folder, read_adapter_config
 from minisft.tokenizer import Tokenizer, UnknownTokenError, read_chat_template
 
 if TYPE_CHECKING:  # only a type here: `chat` imports this module and must not load the training config
@@ -41,22 +42,29 @@ def find_model_folder(path: str | Path) -> Path:
         return path
     for folder in (path, path / "checkpoints" / "final", path / "model"):
         recover_folder(folder)  # a save cut off between its two renames left folder.old only
-        if (folder / "minisft.json").is_file() or is_hf_folder(folder):
+        if (folder / "minisft.json").is_file() or is_hf_folder(folder) or is_adapter_folder(folder):
             return folder
     raise FileNotFoundError(
         f"no model in {path}: expected a minisft checkpoint (minisft.json), a Hugging Face folder "
-        "(config.json), a .gguf file or a run folder with checkpoints/final"
+        "(config.json), a LoRA adapter (adapter_config.json), a .gguf file or a run folder with checkpoints/final"
     )
 
 
 class SavedModel:
     """A model on disk, opened: its chat format is known before any weight is read, so a command
-    that needs one refuses at once (a GGUF file's metadata is read here, its tensors in `load`)."""
+    that needs one refuses at once (a GGUF file's metadata is read here, its tensors in `load`).
+    A LoRA adapter folder opens its base too: `load` gives the base with the adapters, unmerged."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = find_model_folder(path)
         self.gguf = GGUFFile(self.path) if is_gguf_file(self.path) else None
-        if self.gguf is not None:
+        self.adapter = read_adapter_config(self.path) if is_adapter_folder(self.path) else None
+        if self.adapter is not None:
+            self.base = SavedModel(adapter_base(self.path))
+            meta = self.path / "minisft.json"  # minisft's adapters record the format they were trained with
+            saved = json.loads(meta.read_text())["chat_format"] if meta.is_file() else None
+            self.chat_format, self.chat_template = saved or self.base.chat_format, self.base.chat_template
+        elif self.gguf is not None:
             self.chat_format, self.chat_template = self.gguf.chat_format, self.gguf.chat_template
         elif (self.path / "minisft.json").is_file():
             self.chat_format = json.loads((self.path / "minisft.json").read_text())["chat_format"]
@@ -74,6 +82,10 @@ class SavedModel:
         self, backends: Backends | None = None, dtype: torch.dtype = torch.float32
     ) -> tuple[Transformer, Tokenizer]:
         """-> (model on CPU, tokenizer)."""
+        if self.adapter is not None:
+            model, tokenizer = self.base.load(backends, dtype)
+            attach_lora(model, self.adapter, self.base.path)
+            return model, tokenizer
         if self.gguf is not None:
             return self.gguf.load(backends, dtype)
         if (self.path / "minisft.json").is_file():
@@ -133,6 +145,11 @@ def start_from(config: RunConfig, backends: Backends) -> tuple[Transformer, Toke
     the config says; -> (model on CPU, tokenizer, chat format, config with the model's shape)."""
     if config.data.tokenizer:
         raise ConfigError(f"data.tokenizer is set, but init={config.init} brings its own tokenizer: leave it empty")
+    if is_adapter_folder(find_model_folder(config.init)):  # adapters on adapters: a base to start from is clearer
+        raise ConfigError(
+            f"init={config.init} holds LoRA adapters: pass its base as init and the adapters as lora.adapter "
+            "(--adapter), or export --merge them and init from the merged folder"
+        )
     model, tokenizer, saved_format = load_pretrained(config.init, backends)
     if saved_format not in (None, config.data.chat_format):
         print(
@@ -142,9 +159,10 @@ def start_from(config: RunConfig, backends: Backends) -> tuple[Transformer, Toke
         )
     chat, added = fit_chat_format(model, tokenizer, config.data.chat_format, config.data.train_on)
     if added:
-        if config.freeze_embeddings:
+        if config.freeze_embeddings or config.lora.enabled:
+            why = "LoRA (which freezes the base)" if config.lora.enabled else "freeze_embeddings"
             raise ConfigError(
-                f"freeze_embeddings would leave the {len(added)} tokens added for chat format "
+                f"{why} would leave the {len(added)} tokens added for chat format "
                 f"{chat.name!r} untrained: unfreeze the embeddings, or pick a format the tokenizer has"
             )
         names = ", ".join(tokenizer.backend.id_to_token(i) for i in added)

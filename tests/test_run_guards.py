@@ -207,13 +207,13 @@ def test_ctrl_c_during_training_ends_in_one_line_naming_the_checkpoint(tmp_path)
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not (run_dir / "checkpoints" / "step_2").is_dir():
         assert process.poll() is None, process.stderr.read()[-2000:]
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    _, err = process.communicate(timeout=180)  # generous: a loaded CI machine, not a benchmark
     assert process.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     newest = step_checkpoints(run_dir / "checkpoints")[-1]
