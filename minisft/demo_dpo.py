@@ -14,9 +14,11 @@
    forgetting as the SFT demo measures it (general questions, plain-text loss on Alice).
 
 The reference model is the SFT model: its log-probs are computed once before DPO (`dpo.py`).
-With these settings DPO learns the preference (held-out preference accuracy 0% -> 100%) but greedy
-answers collapse (task score 81.7% -> 0%): see the README ("After SFT, DPO") for the measured table
-and why; the settings are kept as measured, so the run reproduces it.
+DPO here carries RPO's SFT term on the chosen answer (`sft_weight`, α = 1) at lr 1e-5. Measured
+with these settings: held-out preference accuracy 0% -> 98.3%, every greedy answer compact and
+valid, the task score 81.7% -> 78.3% (2 tickets of 60 lower). Plain DPO (α = 0, lr 2e-5) learned the
+preference too but collapsed the greedy answers to `{"category:account}` (task score -> 0%). The
+README ("After SFT, DPO") has both tables and the token-level reason.
 """
 
 from __future__ import annotations
