@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import fields
 from pathlib import Path
@@ -36,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from minisft.chat import ChatFormat, Example
 from minisft.data import ReadStats
+from minisft.integrity import write_atomically
 
 # 2: tool calling, the llama3.1 format, records a format cannot render skipped; 3: a UTF-8 BOM read,
 # a top-level system beside a system message refused
@@ -77,18 +76,6 @@ def key_name(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _atomic_write(target: Path, write) -> None:
-    """write(temporary path) in target's folder, then rename it to target."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(folder: str | Path, key: dict, examples: list[Example], report) -> Path:
     """Write one entry; -> the path of its JSON sidecar."""
     folder = Path(folder).expanduser()
@@ -100,12 +87,12 @@ def save(folder: str | Path, key: dict, examples: list[Example], report) -> Path
         "labels": torch.tensor([t for e in examples for t in e.labels], dtype=torch.int32),
         "offsets": lengths.cumsum(0),
     }
-    _atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
+    write_atomically(folder / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
     read = report.read
     counts = {f.name: getattr(report, f.name) for f in fields(report) if f.name != "read"}
     stats = {"per_format": dict(read.per_format), "skipped": dict(read.skipped), "first_errors": read.first_errors}
     sidecar = {"key": key, "report": counts | {"read": stats}}
-    _atomic_write(folder / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=1) + "\n"))
+    write_atomically(folder / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=1) + "\n"))
     return folder / f"{name}.json"
 
 

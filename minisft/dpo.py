@@ -49,6 +49,7 @@ from torch import Tensor
 from minisft.chat import Example
 from minisft.distributed import Replica, sum_across_ranks
 from minisft.errors import ConfigError
+from minisft.integrity import read_json, write_atomically
 from minisft.labels import IGNORE_INDEX
 from minisft.model import Transformer
 from minisft.packing import pad_batch
@@ -211,7 +212,7 @@ def with_reference(
     if resume:
         if not path.is_file():
             raise ConfigError(f"{path} is missing: a DPO run resumes with the reference log-probs it began with")
-        stored = json.loads(path.read_text())
+        stored = read_json(path)  # garbled (a hand edit): one line, not a JSONDecodeError
         for name, items in pair_sets.items():
             if stored.get(name, {}).get("pairs") != fingerprint(items):
                 raise ConfigError(f"{path}: its {name} pairs are not the data's now (the data files changed)")
@@ -224,7 +225,7 @@ def with_reference(
         stored = {
             name: {"pairs": fingerprint(items), "logps": [p.reference for p in items]} for name, items in done.items()
         }
-        path.write_text(json.dumps(stored))
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(stored)))  # never half a file
     return sets | done
 
 

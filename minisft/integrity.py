@@ -1,18 +1,22 @@
 """Reading files a crash, a full disk or a hand edit may have broken: one line naming the file and
-what to do, never a deep traceback from safetensors or json.
+what to do, never a deep traceback from safetensors or json; and writing a file so a crash cannot
+break it.
 
     open_tensors     safe_open, a truncated or corrupt file an `UnreadableFileError`
     read_tensors     a whole safetensors file, the same way
     read_json        a JSON file, the same way
     finite_weights   whether a checkpoint's weights are all finite (a "good" checkpoint's are)
     run_state        trainer_state.json's "run" table, checked field by field
+    write_atomically a file written under a temporary name, then renamed over the target
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,3 +90,16 @@ def run_state(saved: dict, fields: dict[str, Any], state_file: Path, step: int) 
             "its folder to resume from the checkpoint before it"
         )
     return run
+
+
+def write_atomically(target: Path, write: Callable[[str], object]) -> None:
+    """write(temporary path) in target's folder, then rename it to target: a reader sees the old
+    file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

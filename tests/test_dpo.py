@@ -298,6 +298,10 @@ def test_dpo_command_logs_rewards_stores_the_reference_and_resumes(tmp_path, cap
     write(tmp_path, changed, "eval.jsonl")  # other held-out pairs than the stored log-probs were taken on
     assert main(["dpo", "--resume", str(run_dir)]) == 2
     assert "its heldout pairs are not the data's now" in capsys.readouterr().err
+    (run_dir / "reference_logps.json").write_text('{"train": {"pairs"')  # cut short, or a hand edit gone wrong
+    assert main(["dpo", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "reference_logps.json: not readable JSON" in err and "Traceback" not in err
     (run_dir / "reference_logps.json").unlink()
     assert main(["dpo", "--resume", str(run_dir)]) == 2
     assert "reference_logps.json is missing" in capsys.readouterr().err
