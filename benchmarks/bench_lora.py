@@ -34,6 +34,7 @@ may be shared: compare the rows of one run, not runs).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -52,128 +53,195 @@ from benchmarks.bench_cpu_sft import make_model_dir, peak_rss_gb, reset_peak_rss
 from benchmarks.common import cpu_facts, markdown_table, save_results  # noqa: E402
 
 TARGETS = {"memory": 0.5, "tokens_per_s": 1.0, "forgetting": 0.5, "score_points": 5.0}
+DEFAULT_LORA = ("r=8", "r=16", "r=64")
 
 
-def demo_config(args: argparse.Namespace, model: str, rank: int):
+def parse_lora(text: str, epochs: int) -> dict:
+    """'r=16 epochs=2 lr=5e-4 rslora=1 targets=q,k,v,o' -> a LoRA run's settings (the demo's otherwise:
+    alpha = 2r, lr 1e-3, all seven projections, --epochs)."""
+    fields = dict(item.split("=", 1) for item in text.split())
+    unknown = set(fields) - {"r", "alpha", "epochs", "lr", "rslora", "targets"}
+    if unknown or "r" not in fields:
+        sys.exit(f"bench_lora: --lora {text!r}: needs r=R, and knows r, alpha, epochs, lr, rslora, targets")
+    r = int(fields["r"])
+    return {
+        "r": r,
+        "alpha": float(fields.get("alpha", 2 * r)),
+        "epochs": int(fields.get("epochs", epochs)),
+        "lr": float(fields.get("lr", 1e-3)),
+        "rslora": fields.get("rslora", "0") == "1",
+        "targets": fields.get("targets", "q,k,v,o,gate,up,down"),
+    }
+
+
+def run_name(spec: dict, epochs: int) -> str:
+    """'full', 'lora-16', or 'lora-16 (2 ep, lr 5e-4, rsLoRA, alpha 8, q,k,v,o)' where not the demo's."""
+    if not spec.get("r"):
+        return "full" + (f" ({spec['epochs']} ep)" if spec["epochs"] != epochs else "")
+    extras = [f"{spec['epochs']} ep"] * (spec["epochs"] != epochs)
+    extras += [f"lr {spec['lr']:g}"] * (spec["lr"] != 1e-3) + ["rsLoRA"] * spec["rslora"]
+    extras += [f"alpha {spec['alpha']:g}"] * (spec["alpha"] != 2 * spec["r"])
+    extras += [spec["targets"]] * (spec["targets"] != "q,k,v,o,gate,up,down")
+    return f"lora-{spec['r']}" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def demo_config(args: argparse.Namespace, model: str, spec: dict):
     from minisft.demo_real import RealDemoConfig
 
-    cfg = RealDemoConfig(model=model, epochs=args.epochs, threads=args.threads, lora_r=rank, general_questions=0)
+    cfg = RealDemoConfig(model=model, epochs=spec["epochs"], threads=args.threads, general_questions=0)
+    if spec.get("r"):
+        cfg = replace(cfg, lora_r=spec["r"], lora_lr=spec["lr"])
     if args.quick:  # seconds: a handful of tickets, short rows
         cfg = replace(cfg, train_tickets=24, heldout_tickets=6, loss_tickets=6, pack_to=256, warmup_steps=1)
     return cfg
 
 
 def run_child(args: argparse.Namespace) -> dict:
-    """One run (base, full or lora-R), measured; -> its numbers as JSON-able values."""
+    """One run (base, a training run, or a training run's memory-saving probe), measured; -> its numbers."""
     from minisft.chat import make_chat_format
-    from minisft.demo_real import demo_data, demo_lora, demo_train_config, measure
+    from minisft.demo_real import demo_data, demo_train_config, measure
+    from minisft.lora import LoRAConfig
     from minisft.packing import pack_examples
     from minisft.peft_format import attach_lora
     from minisft.pretrained import SavedModel
     from minisft.train import evaluate, train_loop
 
-    rank = int(args.child.removeprefix("lora-")) if args.child.startswith("lora-") else 0
-    cfg = demo_config(args, args.model, rank)
+    spec = json.loads(args.child)
+    cfg = demo_config(args, args.model, spec)
     torch.manual_seed(cfg.seed)
     saved = SavedModel(cfg.model)
     model, tokenizer = saved.load()
     chat = make_chat_format(saved.chat_format, tokenizer)
     _, heldout, train_set, eval_sets = demo_data(cfg, chat)
     eval_sets = {"plain_text": eval_sets["plain_text"]}
-    result: dict = {"run": args.child}
-    if args.child == "base":
+    if spec.get("base"):
         losses = {name: evaluate(model, ex, tokenizer.pad_id, 16, "bf16") for name, ex in eval_sets.items()}
-        return result | {"score": measure(model, chat, heldout, (), losses)["score"]["exact"], **losses}
+        return {"score": measure(model, chat, heldout, (), losses)["score"]["exact"], **losses}
 
-    if rank:
-        attach_lora(model, demo_lora(rank), saved.path)
+    if cfg.lora_r:  # the probe's base in bf16: the memory-saving setting a LoRA user picks
+        base_dtype = "bf16" if args.probe else "fp32"
+        lora = LoRAConfig(r=cfg.lora_r, alpha=spec["alpha"], rslora=spec["rslora"], targets=spec["targets"])
+        attach_lora(model, replace(lora, base_dtype=base_dtype), saved.path)
     steps_per_epoch = math.ceil(len(pack_examples(train_set, cfg.pack_to)) / cfg.rows_per_step)
     train_cfg = replace(demo_train_config(cfg, steps_per_epoch, args.threads), eval_every=0, log_every=4)
-    run_dir = Path(args.work) / args.child
+    if args.probe:  # a few steps with activation checkpointing: the peak is reached by the second step
+        train_cfg = replace(train_cfg, steps=args.probe, log_every=1, activation_checkpointing=True)
+    run_dir = Path(args.work) / "run"
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     reset_peak_rss()  # the training loop's own peak: weights, gradients, AdamW state, activations
     before = peak_rss_gb()  # right after the reset: the RSS training starts from (the model, torch, data)
     start = time.perf_counter()
-    losses = train_loop(model, train_set, eval_sets, train_cfg, tokenizer.pad_id, run_dir, args.child, cfg.pack_to)
+    losses = train_loop(model, train_set, eval_sets, train_cfg, tokenizer.pad_id, run_dir, "bench", cfg.pack_to)
     train_s, peak = time.perf_counter() - start, peak_rss_gb()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first interval is warm-up
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    measured = {"steps": train_cfg.steps, "peak_gb": peak, "growth_gb": peak - before}
+    measured |= {"tokens_per_s": sum(speeds) / len(speeds), "train_s": train_s}
+    if args.probe:
+        return measured
     score = measure(model, chat, heldout, (), losses)["score"]["exact"]
-    return result | {
-        "steps": train_cfg.steps,
-        "trained_params": trained,
-        "peak_gb": peak,
-        "growth_gb": peak - before,
-        "tokens_per_s": sum(speeds) / len(speeds),
-        "train_s": train_s,
-        "score": score,
-        "plain_text": losses["plain_text"],
-    }
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return measured | {"trained_params": trained, "score": score, "plain_text": losses["plain_text"]}
 
 
-def spawn(run: str, args: argparse.Namespace, model: str) -> dict:
-    command = [sys.executable, __file__, "--child", run, "--work", args.work, "--model", model]
-    command += ["--epochs", str(args.epochs), "--threads", str(args.threads)] + ["--quick"] * args.quick
+def spawn(spec: dict, args: argparse.Namespace, model: str, probe: int = 0) -> dict:
+    """Run one child (or read its numbers from --keep, where an earlier bench left them)."""
+    name = "base" if spec.get("base") else run_name(spec, args.epochs) + (" probe" if probe else "")
+    child = json.dumps(spec, sort_keys=True)
+    kept = (
+        Path(args.work)
+        / "runs"
+        / (hashlib.sha256(f"{child} {probe} {args.threads}".encode()).hexdigest()[:16] + ".json")
+    )
+    if kept.is_file():
+        print(f"  {name}: kept from {kept}", flush=True)
+        return json.loads(kept.read_text())
+    command = [sys.executable, __file__, "--child", child, "--work", args.work, "--model", model]
+    command += ["--threads", str(args.threads), "--probe", str(probe)] + ["--quick"] * args.quick
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    print(f"running {run} ...", flush=True)
+    print(f"running {name} ...", flush=True)
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
-        sys.exit(f"{run} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {run}: {result} ({time.perf_counter() - start:.0f} s)", flush=True)
+        sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1]) | {"run": name}
+    print(f"  {name}: {result} ({time.perf_counter() - start:.0f} s)", flush=True)
+    kept.parent.mkdir(exist_ok=True)
+    kept.write_text(json.dumps(result) + "\n")
     return result
 
 
-def table(base: dict, runs: list[dict]) -> tuple[list[dict], str]:
-    """Rows with ratios to full fine-tuning, and the verdict on each target."""
-    full = runs[0]
+def ratio_verdict(ratio: float, target: float, at_most: bool) -> str:
+    return "met" if (ratio <= target if at_most else ratio >= target) else "MISSED"
+
+
+def table(base: dict, runs: list[tuple[dict, dict]]) -> tuple[list[dict], str]:
+    """Rows (each run beside its memory-saving probe) with ratios to full fine-tuning, and the verdicts."""
+    full, full_probe = runs[0]
     full_forgetting = full["plain_text"] - base["plain_text"]
     rows, verdicts = [], []
-    for r in runs:
+    for r, probe in runs:
         forgetting = r["plain_text"] - base["plain_text"]
         row = {
             "run": r["run"],
+            "steps": r["steps"],
             "trained params": f"{r['trained_params'] / 1e6:.2f}M",
             "peak RSS GB": round(r["peak_gb"], 2),
             "of it, training's GB": round(r["growth_gb"], 2),
             "tokens/s": round(r["tokens_per_s"]),
+            "saving: peak RSS GB": round(probe["peak_gb"], 2),
+            "saving: training's GB": round(probe["growth_gb"], 2),
+            "saving: tokens/s": round(probe["tokens_per_s"]),
             "held-out exact": f"{r['score']:.1%}",
             "plain-text loss": round(r["plain_text"], 3),
             "forgetting": round(forgetting, 3),
         }
-        if r is not full:
-            ratios = {
-                "memory": r["peak_gb"] / full["peak_gb"],
-                "tokens_per_s": r["tokens_per_s"] / full["tokens_per_s"],
-                "forgetting": forgetting / full_forgetting if full_forgetting > 0 else float("nan"),
-            }
-            points = 100 * (full["score"] - r["score"])
-            row |= {f"{k} ×": round(v, 2) for k, v in ratios.items()} | {"score Δ pts": round(-points, 1)}
-            met = [
-                f"memory {'met' if ratios['memory'] <= TARGETS['memory'] else 'MISSED'}",
-                f"tokens/s {'met' if ratios['tokens_per_s'] >= TARGETS['tokens_per_s'] else 'MISSED'}",
-                f"forgetting {'met' if ratios['forgetting'] <= TARGETS['forgetting'] else 'MISSED'}",
-                f"score {'met' if points <= TARGETS['score_points'] else 'MISSED'}",
-            ]
-            verdicts.append(f"- {r['run']}: " + ", ".join(met))
-        else:  # the reference: its ratio columns stay empty (the table's columns are the first row's)
-            row |= dict.fromkeys(["memory ×", "tokens_per_s ×", "forgetting ×", "score Δ pts"], "—")
+        if r is full:  # the reference: its ratio columns stay empty (the table's columns are the first row's)
+            names = ["memory ×", "saving: memory ×", "tokens/s ×", "saving: tokens/s ×", "forgetting ×", "score Δ pts"]
+            rows.append(row | dict.fromkeys(names, "—"))
+            continue
+        memory, saving_memory = r["peak_gb"] / full["peak_gb"], probe["peak_gb"] / full_probe["peak_gb"]
+        speed, saving_speed = (
+            r["tokens_per_s"] / full["tokens_per_s"],
+            probe["tokens_per_s"] / full_probe["tokens_per_s"],
+        )
+        forgetting_ratio = forgetting / full_forgetting if full_forgetting > 0 else float("nan")
+        points = 100 * (full["score"] - r["score"])
+        row |= {
+            "memory ×": round(memory, 2),
+            "saving: memory ×": round(saving_memory, 2),
+            "tokens/s ×": round(speed, 2),
+            "saving: tokens/s ×": round(saving_speed, 2),
+            "forgetting ×": round(forgetting_ratio, 2),
+            "score Δ pts": round(-points, 1),
+        }
         rows.append(row)
+        verdicts.append(
+            f"- {r['run']}: memory {ratio_verdict(saving_memory, TARGETS['memory'], True)} with the saving "
+            f"settings ({ratio_verdict(memory, TARGETS['memory'], True)} without), tokens/s "
+            f"{ratio_verdict(saving_speed, TARGETS['tokens_per_s'], False)} "
+            f"({ratio_verdict(speed, TARGETS['tokens_per_s'], False)} without), forgetting "
+            f"{ratio_verdict(forgetting_ratio, TARGETS['forgetting'], True)}, score "
+            f"{ratio_verdict(points, TARGETS['score_points'], True)}"
+        )
     head = f"base model: held-out exact {base['score']:.1%}, plain-text loss {base['plain_text']:.3f}\n\n"
-    return rows, head + markdown_table(rows) + "\n\ntargets (LoRA / full): " + ", ".join(
-        ["memory ≤ 0.5×", "tokens/s ≥ 1.0×", "forgetting ≤ 0.5×", "held-out score within 5 points"]
-    ) + "\n" + "\n".join(verdicts)
+    targets = "memory ≤ 0.5×, tokens/s ≥ 1.0×, forgetting ≤ 0.5×, held-out score within 5 points"
+    return rows, head + markdown_table(rows) + f"\n\ntargets (LoRA / full): {targets}\n" + "\n".join(verdicts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", default="8,16,64", help="LoRA ranks to run beside full fine-tuning")
+    parser.add_argument(
+        "--lora", action="append", help="a LoRA run beside full fine-tuning, e.g. 'r=16 epochs=2 lr=5e-4 rslora=1 "
+        "targets=q,k,v,o' (repeatable; default: r=8, r=16, r=64 at the demo's settings)",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=1, help="epochs of the demo's 400 tickets (48 steps each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    parser.add_argument("--probe-steps", type=int, default=4, help="steps of each memory-saving probe")
+    parser.add_argument("--keep", help="a folder for the runs' numbers: a run already there is read, not rerun")
     parser.add_argument("--quick", action="store_true", help="a tiny random model and a few tickets (seconds)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,13 +251,19 @@ def main() -> None:
         return
 
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as work:
-        args.work = work
-        model = str(make_model_dir(Path(work), args.quick))
-        base = spawn("base", args, model)
-        runs = [spawn(run, args, model) for run in ["full", *(f"lora-{r}" for r in args.ranks.split(","))]]
+    specs = [{"epochs": args.epochs}] + [parse_lora(text, args.epochs) for text in args.lora or DEFAULT_LORA]
+    with tempfile.TemporaryDirectory() as temporary:
+        args.work = args.keep or temporary
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        model = str(make_model_dir(Path(args.work), args.quick))
+        base = spawn({"base": True, "epochs": args.epochs}, args, model)
+        # The short probes first, full fine-tuning's long run last: an interrupted bench keeps the most.
+        probes = [spawn(spec, args, model, args.probe_steps) for spec in specs]
+        trained = [spawn(spec, args, model) for spec in specs[1:] + specs[:1]]
+        runs = list(zip(trained[-1:] + trained[:-1], probes, strict=True))
     rows, text = table(base, runs)
-    facts = cpu_facts() | {"threads": args.threads, "epochs": args.epochs, "steps": runs[0]["steps"]}
+    facts = cpu_facts() | {"threads": args.threads, "full fine-tuning epochs": args.epochs}
+    facts |= {"probe steps": args.probe_steps}
     facts |= {"load_average_before": load_before[0], "load_average_after": os.getloadavg()[0]}
     print(text)
     if not args.quick:  # a tiny random model's numbers mean nothing: printed, never saved
