@@ -226,7 +226,8 @@ def table(base: dict | None, runs: list[tuple[dict, dict]]) -> tuple[list[dict],
     (full, full_saving), rows, verdicts = runs[0], [], []
     for r, saving in runs:
         columns, ratios = memory_columns(r, saving, full, full_saving)
-        row = {"run": r["run"], "steps": r["steps"]} | columns
+        name = r["run"].removesuffix(" probe")  # --memory-only's rows are probes
+        row = {"run": name, "steps": r["steps"]} | columns
         if base is not None:
             forgetting, full_forgetting = r["plain_text"] - base["plain_text"], full["plain_text"] - base["plain_text"]
             ratios["forgetting ×"] = forgetting / full_forgetting if full_forgetting > 0 else float("nan")
@@ -237,7 +238,7 @@ def table(base: dict | None, runs: list[tuple[dict, dict]]) -> tuple[list[dict],
             rows.append(row | dict.fromkeys(ratios, "—"))
             continue
         rows.append(row | {k: round(v, 2 if "×" in k else 1) for k, v in ratios.items()})
-        line = f"- {r['run']}: " + memory_verdict(ratios)
+        line = f"- {name}: " + memory_verdict(ratios)
         if base is not None:
             line += f", forgetting {verdict(ratios['forgetting ×'], TARGETS['forgetting'], True)}, score "
             line += verdict(-ratios["score Δ pts"], TARGETS["score_points"], True)
