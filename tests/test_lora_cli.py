@@ -18,7 +18,8 @@ from tokenizers import pre_tokenizers
 from minisft.__main__ import main
 from minisft.chat import ChatML
 from minisft.generate import generate
-from minisft.lora import lora_layers
+from minisft.lora import LoRAConfig, lora_layers
+from minisft.peft_format import attach_lora, write_adapter
 from minisft.pretrained import SavedModel
 from minisft.tokenizer import Tokenizer
 
@@ -93,6 +94,28 @@ def test_checkpoints_hold_only_the_adapters_and_peft_loads_them_to_1e_5(base, lo
     expected = hf_logits(theirs, ids)
     assert (expected - base_logits).abs().max() > 1e-3  # the adapters learned something
     torch.testing.assert_close(our_logits(ours, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_base_trained_in_bf16_is_loaded_in_bf16_again(base, tmp_path):
+    """lora.base_dtype is recorded with the adapters: chat and export hold the base as training did
+    (bf16 projections, fp32 adapters) and give its logits bitwise; a folder without the record (PEFT's,
+    or an older minisft's) gets fp32."""
+    trained, tok = SavedModel(base).load()
+    attach_lora(trained, LoRAConfig(r=2, alpha=4, targets="q,v,down", base_dtype="bf16"), base)
+    with torch.no_grad():
+        for layer in lora_layers(trained).values():
+            layer.lora_B.normal_(0, 0.5)  # B = 0 would hide the adapters
+    write_adapter(tmp_path, trained)
+    ids = torch.randint(0, tok.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    loaded, _ = SavedModel(tmp_path).load()
+    assert loaded.lora_config.base_dtype == "bf16"
+    q = loaded.layers[0].self_attn.q_proj
+    assert q.weight.dtype == torch.bfloat16 and q.lora_A.dtype == torch.float32
+    assert torch.equal(our_logits(loaded, ids), our_logits(trained, ids))
+    record = tmp_path / "minisft_adapter.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "base_dtype"}))
+    older, _ = SavedModel(tmp_path).load()
+    assert older.layers[0].self_attn.q_proj.weight.dtype == torch.float32
 
 
 def test_resume_continues_a_lora_run_bitwise(base, lora_run, tmp_path, monkeypatch):
