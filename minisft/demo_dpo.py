@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -212,7 +213,10 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
     write_answers(out / "answers.jsonl", heldout, stage["sft"], tuned)
     print_results(stage["base"], stage["sft"], tuned, questions, heldout, len(heldout_pairs))
     print(phases.report(threads))
-    return {"base": stage["base"], "sft": stage["sft"], "dpo": tuned, "phases": phases.rows, "config": asdict(cfg)}
+    result = {"config": asdict(cfg), "base": stage["base"], "sft": stage["sft"], "dpo": tuned, "phases": phases.rows}
+    result["load_average"] = [phases.load_start, os.getloadavg()[0]]  # at the start and the end
+    write_atomically(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    return result
 
 
 def write_answers(path: Path, heldout: list[Ticket], sft: dict, dpo: dict) -> None:

@@ -49,9 +49,10 @@ def test_demo_runs_sft_then_dpo_then_dpo_alone_from_the_saved_sft_stage(tiny_mod
     assert any('"reward_accuracy"' in line for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines())
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [a["dpo"] for a in answers] == result["dpo"]["answers"] and len(answers) == 6
-    assert [a["sft_exact"] for a in answers] == [
-        parse_answer(a) == json.loads(t.answer()) for a, t in zip(result["sft"]["answers"], make_tickets(0, 16, 6)[1])
-    ]
+    assert json.loads((tmp_path / "results.json").read_text())["dpo"] == json.loads(json.dumps(result["dpo"]))
+    heldout = make_tickets(0, 16, 6)[1]
+    right = [parse_answer(a) == json.loads(t.answer()) for a, t in zip(result["sft"]["answers"], heldout, strict=True)]
+    assert [a["sft_exact"] for a in answers] == right
 
     # DPO again, alone: the SFT model, its results and its reference log-probs read back -> the same DPO run
     again = run_dpo_demo(cfg)
