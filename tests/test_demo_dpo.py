@@ -54,16 +54,15 @@ def test_demo_runs_sft_then_dpo_then_dpo_alone_from_the_saved_sft_stage(tiny_mod
     right = [parse_answer(a) == json.loads(t.answer()) for a, t in zip(result["sft"]["answers"], heldout, strict=True)]
     assert [a["sft_exact"] for a in answers] == right
 
-    # DPO again, alone: the SFT model, its results and its reference log-probs read back -> the same DPO run
-    again = run_dpo_demo(cfg)
+    # DPO again, alone, in another folder: the SFT model, its results and its reference log-probs read
+    # back from the first run's SFT stage -> the same DPO run, to the bit
+    again = run_dpo_demo(replace(cfg, out_dir=str(tmp_path / "again"), sft_dir=str(tmp_path / "sft")))
     out = capsys.readouterr().out
     assert f"reusing the SFT stage in {tmp_path / 'sft'}" in out
     assert [name for name, _, _ in again["phases"]] == ["load", "DPO", "DPO measured"]
     assert again["sft"] == json.loads(json.dumps(result["sft"])) and again["dpo"] == result["dpo"]
+    assert (tmp_path / "again" / "answers.jsonl").is_file() and not (tmp_path / "again" / "sft").exists()
 
-    # other SFT settings: refused, nothing replaced; another DPO setting is what a rerun is for
+    # other SFT settings: refused before anything is loaded or written (other DPO settings are what a rerun is for)
     with pytest.raises(ConfigError, match=r"holds an SFT stage made with other settings \(sft_lr 0.003, now 0.001\)"):
         run_dpo_demo(replace(cfg, sft_lr=1e-3))
-    run_dpo_demo(replace(cfg, dpo_lr=3e-4, out_dir=str(tmp_path / "lower_lr"), sft_dir=str(tmp_path / "sft")))
-    assert "reusing the SFT stage" in capsys.readouterr().out
-    assert (tmp_path / "lower_lr" / "answers.jsonl").is_file() and not (tmp_path / "lower_lr" / "sft").exists()
