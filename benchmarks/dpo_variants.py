@@ -1,7 +1,8 @@
 """The DPO demo's DPO stage with other settings, side by side, all from one saved SFT stage.
 
     python -m minisft demo --model smollm2 --dpo            # first: SFT (saved in runs/demo_dpo/sft) + DPO
-    python benchmarks/dpo_variants.py [--only lr5e-6 alpha2 ...] [--runs runs/demo_dpo]
+    python benchmarks/dpo_variants.py --run lr5e-6 alpha2 ...   # these variants, then the table
+    python benchmarks/dpo_variants.py                           # the table of the variants done so far
 
 `minisft/demo_dpo.py` saves its SFT stage (the model, its measurements, the reference log-probs) in
 RUNS/sft; each variant here reruns only DPO from it, in RUNS/variants/NAME (the demo's own settings
@@ -74,13 +75,13 @@ def row(name: str, result: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/demo_dpo", help="the demo's out_dir, its SFT stage in RUNS/sft")
-    parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS), help="run these variants (default: all)")
+    parser.add_argument("--run", nargs="*", default=[], choices=sorted(VARIANTS), help="variants to run first")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     runs = Path(args.runs)
     if not (runs / "sft" / "stage.json").is_file():
         sys.exit(f"no SFT stage in {runs / 'sft'}: run `python -m minisft demo --model smollm2 --dpo` first")
-    for name in args.only or list(VARIANTS):
+    for name in args.run:
         out = run_dir(runs, name)
         if (out / "results.json").is_file():
             print(f"{name}: done before ({out / 'results.json'})")

@@ -8,17 +8,23 @@
    compactly, `{"category":"billing",...}` (a fifth fewer tokens, what a log store or a token
    budget prefers), rejected the spaced form SFT taught. The SFT data never holds the compact
    form, so the SFT model prefers the spaced one — the preference is DPO's to teach.
-3. Measured after SFT and after DPO, on 60 held-out tickets: held-out preference accuracy (the
-   model's log π(compact) > log π(spaced), and DPO's implicit-reward accuracy), the share of greedy
-   answers written compact, the task score (every field right; parsing ignores spacing), and the
-   forgetting as the SFT demo measures it (general questions, plain-text loss on Alice).
+3. Measured after SFT and after DPO, on 200 held-out tickets (half in new phrasing; the first 100
+   also as pairs): held-out preference accuracy (the model's log π(compact) > log π(spaced), and
+   DPO's implicit-reward accuracy), the share of greedy answers written compact, the task score
+   (every field right; parsing ignores spacing), and the forgetting as the SFT demo measures it
+   (general questions, plain-text loss on Alice).
 
-The reference model is the SFT model: its log-probs are computed once before DPO (`dpo.py`).
-DPO here carries RPO's SFT term on the chosen answer (`sft_weight`, α = 1) at lr 1e-5. Measured
-with these settings: held-out preference accuracy 0% -> 98.3%, every greedy answer compact and
-valid, the task score 81.7% -> 78.3% (2 tickets of 60 lower). Plain DPO (α = 0, lr 2e-5) learned the
-preference too but collapsed the greedy answers to `{"category:account}` (task score -> 0%). The
-README ("After SFT, DPO") has both tables and the token-level reason.
+The reference model is the SFT model: its log-probs are computed once before DPO (`dpo.py`). DPO
+here carries RPO's SFT term on the chosen answer (`sft_weight`, α = 1) at lr 1e-5. bf16 autocast only
+where the CPU multiplies bf16 natively; elsewhere fp32 (`precision`).
+
+In parts: the SFT stage — the SFT model (OUT_DIR/sft/model), its measurements and the reference
+log-probs of every pair (sft/stage.json, written last) — is saved, and a rerun with the same SFT
+settings reads it back instead of redoing it, and says so: only DPO runs again. A stage made with
+other SFT settings is refused, never replaced. `sft_dir` points a run at another run's stage
+(`benchmarks/dpo_variants.py` runs DPO variants so). Each held-out ticket's answers after SFT and
+after DPO are in OUT_DIR/answers.jsonl, the printed numbers in OUT_DIR/results.json. Measured
+numbers and the variants: README, "After SFT, DPO".
 """
 
 from __future__ import annotations
