@@ -33,7 +33,7 @@ from minisft.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoi
 from minisft.distributed import Replica, ranks
 from minisft.errors import CheckpointError, DivergedError, TrainingError, UnreadableFileError
 from minisft.flops import peak_flops
-from minisft.integrity import finite_weights, run_state
+from minisft.integrity import finite_weights, run_state, write_atomically
 from minisft.model import Transformer
 
 if TYPE_CHECKING:  # train.py imports this module
@@ -82,9 +82,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
             continue
         if record.get("step", 0) <= last_step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: Path(tmp).write_text("".join(kept)))  # a crash now keeps the old log
 
 
 def clock(seconds: float) -> str:

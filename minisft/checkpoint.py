@@ -25,7 +25,6 @@ A step_N folder appears only by the final rename, so one that exists is complete
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -37,15 +36,9 @@ import torch
 from safetensors.torch import save_file
 
 from minisft.errors import CheckpointError
-from minisft.integrity import read_json, read_tensors
+from minisft.integrity import flush_to_disk, read_json, read_tensors
 from minisft.model import Backends, ModelConfig, Transformer
 from minisft.tokenizer import Tokenizer
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
 
 
 def recover_folder(folder: str | Path) -> None:
@@ -58,25 +51,24 @@ def recover_folder(folder: str | Path) -> None:
 
 def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on an empty temporary folder, flush it, then swap it in for `folder`. At every
-    moment `folder` or `folder.old` holds a whole version, old or new (`recover_folder`)."""
+    moment `folder` or `folder.old` holds a whole version, old or new (`recover_folder`).
+
+    Not `integrity.write_atomically`, the single-file version: a rename cannot replace a non-empty
+    folder, so the old one steps aside first (folder.old), and the files are flushed as a set."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
-    _fsync_tree(tmp)
+    for path in [*tmp.iterdir(), tmp]:  # the files, then the entries naming them
+        flush_to_disk(path)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():  # else an orphaned .old may be the only copy of the previous version: kept till the end
         shutil.rmtree(old, ignore_errors=True)  # a leftover: `folder` itself is the previous version
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
-    # The renames live in the parent folder's entries: flush those too, or a power cut may undo them.
-    parent = os.open(folder.parent, os.O_RDONLY)
-    try:
-        os.fsync(parent)
-    finally:
-        os.close(parent)
+    flush_to_disk(folder.parent)  # the renames live in the parent's entries: or a power cut may undo them
     return folder
 
 

@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import mmap
-import os
 import struct
 import sys
 from dataclasses import replace
@@ -50,6 +49,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from minisft.chat import make_chat_format
 from minisft.hf import CHAT_TEMPLATES, CheckpointError, chat_format_of_template
+from minisft.integrity import write_atomically
 from minisft.model import Backends, ModelConfig, Transformer, rotary_frequencies
 from minisft.tokenizer import Tokenizer
 
@@ -477,16 +477,21 @@ def export_gguf(
     multiple of 32 values; one that has not is stored as F16. The file is written under a temporary
     name and renamed, so an existing file is replaced whole or not at all (and only with overwrite).
     """
-    gguf = _gguf()
+    _gguf()  # without the package, say so before anything else
     path = Path(path)
     if gguf_type not in GGUF_TYPES:
         raise CheckpointError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} exists: pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: _write_file(tmp, model, tokenizer, chat_format, gguf_type))
+    return path
+
+
+def _write_file(tmp: str, model: Transformer, tokenizer: Tokenizer, chat_format: str, gguf_type: str) -> None:
+    gguf = _gguf()
     config = model.config
     architecture = "qwen2" if config.attention_bias else "llama"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp, architecture)
     try:
         _write_config(writer, config, gguf_type)
@@ -504,14 +509,8 @@ def export_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     finally:
         writer.close()
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _write_config(writer, config: ModelConfig, gguf_type: str) -> None:

@@ -7,7 +7,8 @@ break it.
     read_json        a JSON file, the same way
     finite_weights   whether a checkpoint's weights are all finite (a "good" checkpoint's are)
     run_state        trainer_state.json's "run" table, checked field by field
-    write_atomically a file written under a temporary name, then renamed over the target
+    write_atomically a file written under a temporary name, flushed, then renamed over the target
+    flush_to_disk    fsync a file or a folder's entries (a rename lives in its folder's)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,14 +93,26 @@ def run_state(saved: dict, fields: dict[str, Any], state_file: Path, step: int) 
     return run
 
 
+def flush_to_disk(path: str | Path) -> None:
+    """fsync a file, or a folder (its entries: where a rename is recorded), so a power cut cannot undo it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomically(target: Path, write: Callable[[str], object]) -> None:
-    """write(temporary path) in target's folder, then rename it to target: a reader sees the old
-    file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    """write(temporary path) in target's folder, flush it, then rename it to target: a reader (or a
+    restart after a crash or power cut) sees the old file or the new one, never half of one. The one
+    place a single file is replaced; a folder of files is `checkpoint.write_folder`'s job."""
+    # Named here, created by write(): mkstemp would make the file 0600 where the user's umask says 0644.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
+        flush_to_disk(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    flush_to_disk(target.parent)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from minisft.checkpoint import step_checkpoints, write_folder
 from minisft.errors import ConfigError
+from minisft.integrity import flush_to_disk
 
 # What a run writes into its out_dir: found there, the folder holds a run; --overwrite removes these only.
 RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints", "reference_logps.json")  # the last: DPO's (dpo.py)
@@ -74,16 +75,22 @@ def write_into(folder: str | Path, write: Callable[[Path], None]) -> Path:
         if folder.is_dir():
             folder.rmdir()  # empty: `write_folder` renames the new one into its place
         return write_folder(folder, write)
-    tmp = folder / ".minisft-export.tmp"  # inside: the parent may be read-only or another disk
+    # Not `integrity.write_atomically` per file: `write` makes a whole folder's files in one call. The
+    # staging folder is inside: the parent may be read-only or another disk (no rename across disks).
+    tmp = folder / ".minisft-export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write(tmp)
-    for path in sorted(tmp.iterdir()):
-        target = folder / path.name
-        if target.is_dir() and not target.is_symlink():
-            raise ConfigError(f"{target} is a folder where the export writes a file: move it away first")
-        os.replace(path, target)  # one file at a time, each atomically
-    tmp.rmdir()
+    try:
+        write(tmp)
+        for path in sorted(tmp.iterdir()):
+            target = folder / path.name
+            if target.is_dir() and not target.is_symlink():
+                raise ConfigError(f"{target} is a folder where the export writes a file: move it away first")
+            flush_to_disk(path)
+            os.replace(path, target)  # one file at a time, each atomically
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves nothing of its own in the user's folder
+    flush_to_disk(folder)
     return folder
 
 

@@ -180,7 +180,19 @@ def run_script(*args) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_explain_example_shows_a_long_answer_whole_and_says_where_it_cuts(tmp_path, tok_dir):
+def run_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """explain_example.py's main() in this process, its result as run_script's: torch is loaded already,
+    so this takes milliseconds where a subprocess takes seconds (one of each kind of run is enough)."""
+    capsys.readouterr()  # what came before is not this run's
+    try:
+        code = load_script().main([str(arg) for arg in args])
+    except SystemExit as exit:  # argparse's errors
+        code = exit.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_explain_example_shows_a_long_answer_whole_and_says_where_it_cuts(tmp_path, tok_dir, capsys):
     tok = Tokenizer.from_file(tok_dir)
     long_answer = " ".join(WORDS * 12)  # > 256 tokens: the old default row cut it
     records = [messages("the cat", long_answer), messages("see", "the sea")]
@@ -195,7 +207,7 @@ def test_explain_example_shows_a_long_answer_whole_and_says_where_it_cuts(tmp_pa
     table = [line for line in done.stdout.splitlines() if re.match(r"^\s+\d+\s+0\s+\d+\s", line)]
     assert sum("*" in line for line in table) == example.num_trained_tokens  # the whole answer, trained
 
-    done = run_script(path, "--tokenizer", tok_dir, "--max-seq-len", 100)
+    done = run_in_process(capsys, path, "--tokenizer", tok_dir, "--max-seq-len", 100)
     trained = example.num_trained_tokens
     kept = sum(label != -100 for label in example.labels[:100])
     assert done.returncode == 0
@@ -210,7 +222,7 @@ def test_explain_example_reads_record_n_past_a_bad_one_and_bad_input_is_one_line
     path.write_text(
         json.dumps(messages("the cat", "sat")) + "\n{not json\n" + json.dumps(messages("see", "the sea")) + "\n"
     )
-    done = run_script(path, "--tokenizer", tok_dir, "--record", 3)
+    done = run_in_process(capsys, path, "--tokenizer", tok_dir, "--record", 3)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"record 3 ({path}:3, chatml format")
     cases = [
@@ -224,15 +236,6 @@ def test_explain_example_reads_record_n_past_a_bad_one_and_bad_input_is_one_line
     done = run_script(path, "--tokenizer", tok_dir, *cases[0][0])
     assert (done.returncode, done.stdout) == (2, "") and done.stderr.startswith(cases[0][1]), done.stderr
     assert done.stderr.count("\n") == 1
-    script = load_script()
-
-    def run_in_process(*args) -> tuple[int, str, str]:
-        try:
-            code = script.main([str(arg) for arg in args])
-        except SystemExit as exit:  # argparse's errors
-            code = exit.code
-        out = capsys.readouterr()
-        return code, out.out, out.err
 
     cases += [
         ([tmp_path / "absent.jsonl", "--tokenizer", tok_dir], f"error: {tmp_path / 'absent.jsonl'}: no such file"),
@@ -241,9 +244,9 @@ def test_explain_example_reads_record_n_past_a_bad_one_and_bad_input_is_one_line
     ]
     for args, message in cases:
         args = args if isinstance(args[0], Path) else [path, "--tokenizer", tok_dir, *args]
-        code, out, err = run_in_process(*args)
-        assert (code, out) == (2, ""), (args, out)
-        assert err.startswith(message) and err.count("\n") == 1, (args, err)
+        done = run_in_process(capsys, *args)
+        assert (done.returncode, done.stdout) == (2, ""), (args, done.stdout)
+        assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, (args, done.stderr)
 
 
 # ---------------------------------------------------------------- train with the data options

@@ -59,6 +59,7 @@ def test_reduced_demo_lowers_heldout_losses_and_is_seeded(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_demo_command_reaches_90_percent_exact_match(tmp_path):
     """The README's main job, as a user runs it: `python -m minisft demo` from a fresh folder."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

@@ -80,6 +80,7 @@ def test_general_questions_are_scored_by_whole_words():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_shortened_real_demo_shows_the_gain_on_smollm2(tmp_path):
     """SmolLM2-135M-Instruct, 200 training tickets for two epochs (48 steps), 60 held out: the base
     model never writes the JSON; after SFT most held-out tickets are right. (~6 min on 2 quiet cores.)"""

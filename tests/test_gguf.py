@@ -378,6 +378,7 @@ def chat_ids(tok) -> torch.Tensor:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_real_file_gives_transformers_logits_and_token_ids(real, smollm2):
     model, tok, chat_format, seconds = real
     assert chat_format == "chatml" and (model.config.n_layers, model.config.n_kv_heads) == (30, 3)
@@ -399,6 +400,7 @@ def test_real_file_gives_transformers_logits_and_token_ids(real, smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
 def test_real_model_exports_and_loads_back_in_minisft_and_transformers(real, gguf_type, tmp_path):
     model, tok, chat_format, _ = real

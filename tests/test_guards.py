@@ -25,6 +25,7 @@ from test_resume import TRAIN, records
 from test_train_parts import tiny_model
 
 import minisft.checkpoint as checkpoint
+import minisft.integrity as integrity
 import minisft.train
 from minisft.__main__ import main
 from minisft.chat import ChatML
@@ -237,7 +238,7 @@ def write_version(folder: Path, text: str) -> None:
 def test_replacing_best_always_leaves_a_whole_version_on_disk(tmp_path, monkeypatch, start):
     """Crash the replacement at each of its file operations in turn: after every crash, best or
     best.old holds a whole version; reading it back (recover_folder, as `chat` does) finds one."""
-    real = {"rmtree": checkpoint.shutil.rmtree, "rename": Path.rename, "fsync": checkpoint.os.fsync}
+    real = {"rmtree": checkpoint.shutil.rmtree, "rename": Path.rename, "fsync": integrity.os.fsync}
     crashes = 0
     for crash_at in range(1, 100):
         root = tmp_path / str(crash_at)
@@ -258,7 +259,7 @@ def test_replacing_best_always_leaves_a_whole_version_on_disk(tmp_path, monkeypa
 
         monkeypatch.setattr(checkpoint.shutil, "rmtree", crashing("rmtree"))
         monkeypatch.setattr(Path, "rename", crashing("rename"))
-        monkeypatch.setattr(checkpoint.os, "fsync", crashing("fsync"))
+        monkeypatch.setattr(integrity.os, "fsync", crashing("fsync"))  # write_folder flushes through integrity
         try:
             write_version(best, "new")
             finished = True

@@ -34,6 +34,7 @@ def run_report(triton_dir: Path | None) -> subprocess.CompletedProcess:
         pytest.fail(f"compiling the CI configs took over 5 minutes; stuck on {stuck}", pytrace=False)
 
 
+@pytest.mark.slow  # ~30 s of compiling per Triton; the fast set runs every kernel's maths in the interpreter
 @pytest.mark.parametrize(
     "triton_dir, version",
     [(None, triton.__version__), (TRITON36, "3.6.0")],
