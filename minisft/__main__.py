@@ -11,6 +11,7 @@
   python -m minisft train --resume RUN_DIR               continue a run from its newest checkpoint
   python -m minisft train ... --overwrite                replace the run out_dir holds (else refused)
   python -m minisft dpo --config FILE.toml --init SFT_RUN   preference tuning (train with objective = "dpo")
+  python -m minisft dpo --init BASE --adapter SFT_ADAPTER   DPO of an SFT run's LoRA adapters (or --lora.r R: new ones)
   python -m minisft data check FILE [--tokenizer PATH]   the data's quality report
   python -m minisft chat MODEL [--prompt TEXT]           talk to a model in its own chat format
   python -m minisft export MODEL OUT [--overwrite]       write a Hugging Face folder (new or empty), or OUT.gguf

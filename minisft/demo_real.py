@@ -118,14 +118,17 @@ def alice_paragraphs(min_words: int = 40) -> list[str]:
     return [p for p in paragraphs if len(p.split()) >= min_words]
 
 
-def answer(model: Transformer, chat: ChatFormat, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
-    """Greedy answers (KV cache, bf16 autocast), prompts batched by length so little is padding."""
+def answer(
+    model: Transformer, chat: ChatFormat, conversations: list[list[dict]], max_new_tokens: int, precision: str = "bf16"
+) -> list[str]:
+    """Greedy answers (KV cache, bf16 autocast unless precision is "fp32"), prompts batched by length
+    so little is padding."""
     prompts = [chat.render_prompt(c) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop = {chat.end_id, chat.tokenizer.eos_id}
     answers = [""] * len(prompts)
     model.eval()
-    with autocast(model.embed_tokens.weight.device, "bf16"):
+    with autocast(model.embed_tokens.weight.device, precision):
         for start in range(0, len(order), 50):
             batch = order[start : start + 50]
             outputs = generate_greedy(model, [prompts[i] for i in batch], max_new_tokens, stop)
@@ -139,9 +142,11 @@ def right_answer(reply: str, expected: str) -> bool:
     return re.search(rf"\b({expected})\b", reply.lower()) is not None
 
 
-def general_answers(model: Transformer, chat: ChatFormat, questions: tuple) -> list[tuple[str, bool]]:
+def general_answers(
+    model: Transformer, chat: ChatFormat, questions: tuple, precision: str = "bf16"
+) -> list[tuple[str, bool]]:
     """(answer, whether it is right) for each general question, asked without a system turn."""
-    replies = answer(model, chat, [[{"role": "user", "content": q}] for q, _ in questions], 48)
+    replies = answer(model, chat, [[{"role": "user", "content": q}] for q, _ in questions], 48, precision)
     return [(reply, right_answer(reply, word)) for reply, (_, word) in zip(replies, questions, strict=True)]
 
 
@@ -170,11 +175,16 @@ class Phases:
 
 
 def measure(
-    model: Transformer, chat: ChatFormat, heldout: list[Ticket], questions: tuple, losses: dict[str, float]
+    model: Transformer,
+    chat: ChatFormat,
+    heldout: list[Ticket],
+    questions: tuple,
+    losses: dict[str, float],
+    precision: str = "bf16",
 ) -> dict:
     """Held-out task answers and score, general questions, and the losses already computed."""
-    answers = answer(model, chat, [t.conversation(with_answer=False) for t in heldout], 32)
-    general = general_answers(model, chat, questions)
+    answers = answer(model, chat, [t.conversation(with_answer=False) for t in heldout], 32, precision)
+    general = general_answers(model, chat, questions, precision)
     return {"answers": answers, "score": score(answers, heldout), "general": general, "losses": losses}
 
 

@@ -134,11 +134,11 @@ class DPOObjective(Objective):
         pairs = torch.tensor(sum(len(b.reference) // 2 for b in batches), device=device)
         return int(sum_across_ranks(pairs)), trained, real
 
-    def pair_terms(self, logps: Tensor, batch: PairBatch) -> tuple[Tensor, list[Tensor]]:
-        """(2P,) policy log-probs of the batch -> (per-pair losses, per-pair statistics as `stats`)."""
+    def pair_terms(self, logps: Tensor, reference: Tensor, chosen_tokens: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(2P,) policy and reference log-probs, chosen first, and (P,) chosen answers' token counts
+        -> (per-pair losses, per-pair statistics as `stats`)."""
         n = len(logps) // 2
-        reference = batch.reference.to(logps.device)
-        chosen_tokens = (batch.labels[:n] != IGNORE_INDEX).sum(dim=1)
+        reference = reference.to(logps.device)
         losses, chosen_reward, rejected_reward = dpo_losses(
             logps[:n], logps[n:], reference[:n], reference[n:], self.cfg, chosen_tokens
         )
@@ -152,47 +152,47 @@ class DPOObjective(Objective):
 
     def loss(self, replica: Replica, batch: PairBatch, normaliser: int) -> tuple[Tensor, list[Tensor]]:
         logps = replica.run("sequence_log_probs", batch.input_ids, batch.labels)
-        losses, stats = self.pair_terms(logps, batch)
+        chosen_tokens = (batch.labels[: len(logps) // 2] != IGNORE_INDEX).sum(dim=1)
+        losses, stats = self.pair_terms(logps, batch.reference, chosen_tokens)
         return losses.sum() / normaliser, [s.sum() / normaliser for s in stats]
 
-    @torch.no_grad()
     def evaluate(
         self, model: Transformer, items: list, pad_id: int, batch_size: int, precision: str
     ) -> dict[str, float]:
         """Held-out pairs -> mean loss and statistics; plain-text examples (forgetting) -> their SFT loss."""
         if isinstance(items[0], Example):
             return super().evaluate(model, items, pad_id, batch_size, precision)
-        device, was_training = model.embed_tokens.weight.device, model.training
-        model.eval()
-        sums = torch.zeros(1 + len(self.stats))
-        for start in range(0, len(items), batch_size):
-            batch = collate_pairs(items[start : start + batch_size], pad_id)
-            with autocast(device, precision):
-                logps = model.sequence_log_probs(batch.input_ids.to(device), batch.labels.to(device))
-            losses, stats = self.pair_terms(logps.float(), batch)
-            sums += torch.stack([t.sum() for t in (losses, *stats)]).cpu()
-        model.train(was_training)
-        means = (sums / len(items)).tolist()
+        logps = pair_log_probs(model, items, pad_id, batch_size, precision)
+        reference = torch.tensor([p.reference for p in items])
+        chosen_tokens = torch.tensor([p.chosen.num_trained_tokens for p in items])
+        losses, stats = self.pair_terms(logps.T.flatten(), reference.T.flatten(), chosen_tokens)
+        means = [float(t.mean()) for t in (losses, *stats)]
         return {"": means[0]} | dict(zip(self.stats, means[1:], strict=True))
 
 
 @torch.no_grad()
-def reference_log_probs(
-    model: Transformer, pairs: list[Pair], pad_id: int, batch_size: int, precision: str
-) -> list[Pair]:
-    """The pairs with `reference` filled in by `model` as it is now (before DPO), in eval mode."""
+def pair_log_probs(model: Transformer, pairs: list[Pair], pad_id: int, batch_size: int, precision: str) -> Tensor:
+    """(P, 2) fp32 on the CPU: log π(chosen|x) and log π(rejected|x) of each pair under `model` as it
+    is now, in eval mode (no dropout) — the reference before DPO, the policy when evaluating."""
     device, was_training = model.embed_tokens.weight.device, model.training
     model.eval()
-    out = []
+    rows = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         input_ids, labels = pad_batch([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id)
         with autocast(device, precision):
-            logps = model.sequence_log_probs(input_ids.to(device), labels.to(device)).float().tolist()
-        n = len(chunk)
-        out += [replace(p, reference=(logps[i], logps[n + i])) for i, p in enumerate(chunk)]
+            logps = model.sequence_log_probs(input_ids.to(device), labels.to(device)).float().cpu()
+        rows.append(logps.view(2, len(chunk)).T)  # chosen first, then rejected -> (chunk, 2)
     model.train(was_training)
-    return out
+    return torch.cat(rows)
+
+
+def reference_log_probs(
+    model: Transformer, pairs: list[Pair], pad_id: int, batch_size: int, precision: str
+) -> list[Pair]:
+    """The pairs with `reference` filled in by `model` as it is now (before DPO)."""
+    logps = pair_log_probs(model, pairs, pad_id, batch_size, precision).tolist()
+    return [replace(p, reference=(chosen, rejected)) for p, (chosen, rejected) in zip(pairs, logps, strict=True)]
 
 
 def with_reference(

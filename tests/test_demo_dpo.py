@@ -1,14 +1,16 @@
 """The SFT-then-DPO demo: its pieces on a tiny random model (fast); the SmolLM2 run's table is in the README."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from test_demo_real import tiny_model  # noqa: F401  (the fixture)
 
 from minisft.chat import ChatML
 from minisft.demo_dpo import DPODemoConfig, compact, preference_pairs, run_dpo_demo
+from minisft.errors import ConfigError
 from minisft.labels import IGNORE_INDEX
-from minisft.tickets import make_tickets
+from minisft.tickets import make_tickets, parse_answer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,20 +29,40 @@ def test_pairs_prefer_the_compact_json_of_the_same_answer(tiny_model):  # noqa: 
     assert compact(ticket.answer()).startswith('{"category":"') and ticket.answer().startswith('{"category": "')
 
 
-def test_demo_runs_sft_then_dpo_and_measures_both(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_demo_runs_sft_then_dpo_then_dpo_alone_from_the_saved_sft_stage(tiny_model, tmp_path, capsys):  # noqa: F811
     cfg = DPODemoConfig(
-        model=str(tiny_model), out_dir=str(tmp_path), train_tickets=16, heldout_tickets=4, pack_to=256,
-        sft_lr=3e-3, dpo_lr=1e-3, pairs_per_step=4, general_questions=2,
+        model=str(tiny_model), out_dir=str(tmp_path), train_tickets=16, heldout_tickets=6, preference_tickets=4,
+        pack_to=256, sft_lr=3e-3, dpo_lr=1e-3, pairs_per_step=4, general_questions=2,
     )  # fmt: skip
     result = run_dpo_demo(cfg)
     out = capsys.readouterr().out
     assert [name for name, _, _ in result["phases"]] == [
-        "base measured", "SFT", "SFT measured", "reference log-probs", "DPO", "DPO measured",
+        "load", "base measured", "SFT", "SFT measured", "reference log-probs", "DPO", "DPO measured",
     ]  # fmt: skip
     assert result["dpo"]["preference"] >= result["sft"]["preference"]
-    assert 0 <= result["dpo"]["implicit"]["reward_accuracy"] <= 1
+    assert 0 <= result["dpo"]["implicit"] <= 1
     for row in ("held-out preference accuracy", "answers written compact", "general questions right"):
         assert row in out
+    assert f"saved the SFT stage in {tmp_path / 'sft'}" in out
     lines = (tmp_path / "data" / "train_pairs.jsonl").read_text().splitlines()
     assert len(lines) == 16 and set(json.loads(lines[0])) == {"prompt", "chosen", "rejected"}
     assert any('"reward_accuracy"' in line for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines())
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [a["dpo"] for a in answers] == result["dpo"]["answers"] and len(answers) == 6
+    assert json.loads((tmp_path / "results.json").read_text())["dpo"] == json.loads(json.dumps(result["dpo"]))
+    heldout = make_tickets(0, 16, 6)[1]
+    right = [parse_answer(a) == json.loads(t.answer()) for a, t in zip(result["sft"]["answers"], heldout, strict=True)]
+    assert [a["sft_exact"] for a in answers] == right
+
+    # DPO again, alone, in another folder: the SFT model, its results and its reference log-probs read
+    # back from the first run's SFT stage -> the same DPO run, to the bit
+    again = run_dpo_demo(replace(cfg, out_dir=str(tmp_path / "again"), sft_dir=str(tmp_path / "sft")))
+    out = capsys.readouterr().out
+    assert f"reusing the SFT stage in {tmp_path / 'sft'}" in out
+    assert [name for name, _, _ in again["phases"]] == ["load", "DPO", "DPO measured"]
+    assert again["sft"] == json.loads(json.dumps(result["sft"])) and again["dpo"] == result["dpo"]
+    assert (tmp_path / "again" / "answers.jsonl").is_file() and not (tmp_path / "again" / "sft").exists()
+
+    # other SFT settings: refused before anything is loaded or written (other DPO settings are what a rerun is for)
+    with pytest.raises(ConfigError, match=r"holds an SFT stage made with other settings \(sft_lr 0.003, now 0.001\)"):
+        run_dpo_demo(replace(cfg, sft_lr=1e-3))
