@@ -55,7 +55,7 @@ from minisft.errors import ConfigError
 from minisft.integrity import read_json, write_atomically
 from minisft.packing import pack_examples
 from minisft.preference import Pair, render_pair
-from minisft.tickets import Ticket, make_tickets, parse_answer
+from minisft.tickets import Ticket, is_exact, make_tickets
 from minisft.train import TrainConfig, evaluate, train_loop
 
 STAGE_FILE = "stage.json"  # in the SFT folder, written last: the SFT stage's results, its model beside it
@@ -239,10 +239,9 @@ def write_answers(path: Path, heldout: list[Ticket], sft: dict, dpo: dict) -> No
     """One line per held-out ticket: its text, the right answer, and each model's answer and whether it is right."""
     lines = []
     for i, (ticket, before, after) in enumerate(zip(heldout, sft["answers"], dpo["answers"], strict=True)):
-        expected = json.loads(ticket.answer())
         row = {"ticket": i, "new_phrasing": ticket.new_phrasing, "text": ticket.text, "expected": ticket.answer()}
-        row |= {"sft": before, "dpo": after, "sft_exact": parse_answer(before) == expected}
-        row["dpo_exact"] = parse_answer(after) == expected
+        row |= {"sft": before, "dpo": after, "sft_exact": is_exact(before, ticket)}
+        row["dpo_exact"] = is_exact(after, ticket)
         lines.append(json.dumps(row) + "\n")
     write_atomically(path, lambda tmp: Path(tmp).write_text("".join(lines)))
 
@@ -280,8 +279,7 @@ def print_results(base: dict, sft: dict, dpo: dict, questions: tuple, heldout: l
     print(f"{'general questions right':32}{right[0]:>5}/{k:<2}{right[1]:>9}/{k:<2}{right[2]:>9}/{k:<2}   forgetting")
     loss = [r["losses"]["plain_text"] for r in (base, sft, dpo)]
     print(f"{'plain-text loss (Alice)':32}{loss[0]:>8.3f}{loss[1]:>12.3f}{loss[2]:>12.3f}   rise = forgetting")
-    right = [[parse_answer(a) == json.loads(t.answer()) for a, t in zip(r["answers"], heldout, strict=True)]
-             for r in (sft, dpo)]  # fmt: skip
+    right = [[is_exact(a, t) for a, t in zip(r["answers"], heldout, strict=True)] for r in (sft, dpo)]
     lost, won = (sum(a and not b for a, b in zip(*pair, strict=True)) for pair in (right, right[::-1]))
     print(f"held-out tickets right after SFT and wrong after DPO: {lost}; the other way round: {won} (answers.jsonl)")
     for i in (0, 1):

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from minisft.errors import ConfigError
 from minisft.hf import CheckpointError
+from minisft.integrity import read_json
 from minisft.lora import TARGETS, LoRAConfig, apply_lora, base_hash, lora_layers
 from minisft.model import Transformer
 
@@ -54,9 +55,9 @@ def is_adapter_folder(path: Path) -> bool:
 
 def adapter_base(folder: Path) -> Path:
     """The base model an adapter folder names: minisft's record, else PEFT's base_model_name_or_path."""
-    recorded = folder / BASE_FILE
-    if recorded.is_file():
-        base = json.loads(recorded.read_text())["path"]
+    recorded = recorded_base(folder)
+    if recorded is not None:
+        base = recorded["path"]
     else:
         base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
     if not base or not Path(base).exists():
@@ -93,10 +94,16 @@ def write_adapter(folder: Path, model: Transformer) -> None:
     (folder / BASE_FILE).write_text(json.dumps(base | {"base_dtype": cfg.base_dtype}, indent=2) + "\n")
 
 
+def recorded_base(folder: Path) -> dict | None:
+    """minisft_adapter.json: the base the adapters were trained on (path, sha256, base_dtype), or None
+    for adapters minisft did not write (PEFT's)."""
+    recorded = folder / BASE_FILE
+    return read_json(recorded) if recorded.is_file() else None
+
+
 def recorded_base_dtype(folder: Path) -> str:
     """The lora.base_dtype the adapters were trained with (fp32 for PEFT's, and minisft's before it was recorded)."""
-    recorded = folder / BASE_FILE
-    return json.loads(recorded.read_text()).get("base_dtype", "fp32") if recorded.is_file() else "fp32"
+    return (recorded_base(folder) or {}).get("base_dtype", "fp32")
 
 
 def read_adapter_config(folder: Path, dropout: float = 0.0, base_dtype: str | None = None) -> LoRAConfig:
@@ -135,9 +142,8 @@ def read_adapter_config(folder: Path, dropout: float = 0.0, base_dtype: str | No
 
 def load_adapter_weights(folder: Path, model: Transformer) -> None:
     """Copy folder's adapter tensors into model's LoRA layers; refuse another base's adapters."""
-    recorded = folder / BASE_FILE
-    if recorded.is_file():
-        trained_on = json.loads(recorded.read_text())
+    trained_on = recorded_base(folder)
+    if trained_on is not None:
         if trained_on["sha256"] != model.lora_base["sha256"]:
             raise CheckpointError(
                 f"{folder}: these adapters were trained on {trained_on['path']} (sha256 {trained_on['sha256'][:12]}…), "

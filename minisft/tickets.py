@@ -362,6 +362,11 @@ def parse_answer(text: str) -> dict | None:
     return value
 
 
+def is_exact(answer: str, ticket: Ticket) -> bool:
+    """Every field of the answer right (what `score` counts as "exact"), for one ticket."""
+    return parse_answer(answer.strip()) == json.loads(ticket.answer())
+
+
 def score(answers: list[str], tickets: list[Ticket]) -> dict[str, float]:
     """Shares of answers that are schema-valid, right per field, and right in every field ("exact"),
     over all tickets and over the new-phrasing ones."""
