@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_kernels.attention import attention, attention_reference
-from triton_kernels.documents import document_bounds, document_mask
+from triton_kernels.documents import document_mask
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -149,13 +149,6 @@ def test_a_repeated_id_starts_a_new_document():
     from minisft.model import attention_torch  # the model's PyTorch backend reads ids the same way
 
     torch.testing.assert_close(attention_torch(q, k, v, document_mask(ids)), ours[0], atol=1e-5, rtol=1e-5)
-
-
-def test_document_bounds():
-    docs = torch.tensor([[0, 0, 0, 1, 2, 2], [5, 5, 5, 5, 5, 5]])
-    start, end = document_bounds(docs)
-    assert start.tolist() == [[0, 0, 0, 3, 4, 4], [0, 0, 0, 0, 0, 0]]
-    assert end.tolist() == [[3, 3, 3, 4, 6, 6], [6, 6, 6, 6, 6, 6]]
 
 
 def test_unsupported_inputs_are_clear_errors():
