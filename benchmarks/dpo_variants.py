@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import cpu_facts, markdown_table, save_results  # noqa: E402
-from minisft.demo_dpo import DPODemoConfig, run_dpo_demo  # noqa: E402
-from minisft.tickets import make_tickets, parse_answer  # noqa: E402
+from minisft.demo_dpo import DPODemoConfig, lost_and_won, run_dpo_demo  # noqa: E402
+from minisft.tickets import make_tickets  # noqa: E402
 
 # name -> the settings that differ from the demo's (DPODemoConfig)
 VARIANTS: dict[str, dict] = {
@@ -48,10 +48,7 @@ def row(name: str, result: dict) -> dict:
     """One table row from a variant's results.json."""
     cfg, sft, dpo = result["config"], result["sft"], result["dpo"]
     _, heldout = make_tickets(cfg["seed"], cfg["train_tickets"], cfg["heldout_tickets"])
-    right = [[parse_answer(a) == json.loads(t.answer()) for a, t in zip(r["answers"], heldout, strict=True)]
-             for r in (sft, dpo)]  # fmt: skip
-    lost = sum(a and not b for a, b in zip(*right, strict=True))
-    won = sum(b and not a for a, b in zip(*right, strict=True))
+    lost, won = lost_and_won(heldout, sft["answers"], dpo["answers"])
     n, dpo_seconds = len(heldout), next(wall for phase, wall, _ in result["phases"] if phase == "DPO")
     general = [sum(ok for _, ok in r["general"]) for r in (sft, dpo)]
     return {

@@ -246,6 +246,12 @@ def write_answers(path: Path, heldout: list[Ticket], sft: dict, dpo: dict) -> No
     write_atomically(path, lambda tmp: Path(tmp).write_text("".join(lines)))
 
 
+def lost_and_won(heldout: list[Ticket], before: list[str], after: list[str]) -> tuple[int, int]:
+    """How many held-out tickets were right before and wrong after, and the other way round."""
+    right = [[is_exact(a, t) for a, t in zip(answers, heldout, strict=True)] for answers in (before, after)]
+    return tuple(sum(a and not b for a, b in zip(*pair, strict=True)) for pair in (right, right[::-1]))
+
+
 def valid_json(text: str) -> bool:
     try:
         json.loads(text)
@@ -279,8 +285,7 @@ def print_results(base: dict, sft: dict, dpo: dict, questions: tuple, heldout: l
     print(f"{'general questions right':32}{right[0]:>5}/{k:<2}{right[1]:>9}/{k:<2}{right[2]:>9}/{k:<2}   forgetting")
     loss = [r["losses"]["plain_text"] for r in (base, sft, dpo)]
     print(f"{'plain-text loss (Alice)':32}{loss[0]:>8.3f}{loss[1]:>12.3f}{loss[2]:>12.3f}   rise = forgetting")
-    right = [[is_exact(a, t) for a, t in zip(r["answers"], heldout, strict=True)] for r in (sft, dpo)]
-    lost, won = (sum(a and not b for a, b in zip(*pair, strict=True)) for pair in (right, right[::-1]))
+    lost, won = lost_and_won(heldout, sft["answers"], dpo["answers"])
     print(f"held-out tickets right after SFT and wrong after DPO: {lost}; the other way round: {won} (answers.jsonl)")
     for i in (0, 1):
         print(f"\nheld-out ticket: {heldout[i].text}")

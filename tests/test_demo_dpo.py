@@ -53,6 +53,15 @@ def test_demo_runs_sft_then_dpo_then_dpo_alone_from_the_saved_sft_stage(tiny_mod
     heldout = make_tickets(0, 16, 6)[1]
     right = [parse_answer(a) == json.loads(t.answer()) for a, t in zip(result["sft"]["answers"], heldout, strict=True)]
     assert [a["sft_exact"] for a in answers] == right
+    # the variants' table reads the same results.json: its lost/won against the answers checked by hand
+    from benchmarks.dpo_variants import row
+
+    after = [parse_answer(a) == json.loads(t.answer()) for a, t in zip(result["dpo"]["answers"], heldout, strict=True)]
+    lost = sum(a and not b for a, b in zip(right, after, strict=True))
+    won = sum(b and not a for a, b in zip(right, after, strict=True))
+    table_row = row("demo", json.loads((tmp_path / "results.json").read_text()))
+    assert table_row["tickets lost / won"] == f"{lost} / {won} of 6"
+    assert table_row["exact JSON"] == f"{sum(right) / 6:.1%} → {sum(after) / 6:.1%}"
 
     # DPO again, alone, in another folder: the SFT model, its results and its reference log-probs read
     # back from the first run's SFT stage -> the same DPO run, to the bit
