@@ -9,7 +9,8 @@ fp32 weights. The records are the real-model demo's support tickets (`minisft/ti
 of them per conversation (system, then user/assistant pairs, ~75 tokens a pair), the last answer
 trained: TRL as prompt/completion records, minisft with `train_on = "last"`. Both take the same
 `--batch` records per step (each side's own seeded shuffle), padded to the longest in the batch,
-with AdamW at the same learning rate, under bf16 autocast (`--precision bf16`) or in fp32.
+with AdamW at the same learning rate, under bf16 autocast (`--precision bf16`) or in fp32 (default:
+bf16 where the CPU multiplies it natively, `train.cpu_precision`).
 
 Each side runs in a subprocess of its own, one after the other, so neither's memory peak nor
 threads touch the other's:
@@ -52,6 +53,7 @@ import benchmarks.common as common  # noqa: E402
 from benchmarks.bench_tokenize import cpu_facts  # noqa: E402
 from benchmarks.common import RESULTS, markdown_table, save_results  # noqa: E402
 from minisft.tickets import make_tickets  # noqa: E402
+from minisft.train import cpu_precision  # noqa: E402
 
 IMPLS = ("minisft", "minisft-ckpt", "trl", "trl-no-ckpt")
 LR = 2e-4
@@ -282,7 +284,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6, help="ticket/answer pairs per record (~75 tokens each)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per side (the first is warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side (1 beats 2 on a busy box)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on both sides")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=cpu_precision(), help="autocast on both sides")
     parser.add_argument("--quick", action="store_true", help="a tiny random model, 3 steps of 2 records: a smoke test")
     parser.add_argument("--results", default=str(RESULTS), help="folder for cpu_sft.md and cpu_sft.json")
     parser.add_argument("--work", help="folder for the exported model and records (default: a temporary one)")

