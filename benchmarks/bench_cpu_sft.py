@@ -49,7 +49,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import benchmarks.common as common  # noqa: E402
 from benchmarks.bench_tokenize import cpu_facts  # noqa: E402
 from benchmarks.common import RESULTS, markdown_table, save_results  # noqa: E402
 from minisft.tickets import make_tickets  # noqa: E402
@@ -336,8 +335,7 @@ def main() -> None:
     )
     text = f"{table}\n\n{comparisons(results)}\n\n{checks}"
     print(text)
-    common.RESULTS = Path(args.results)  # save_results writes there
-    save_results("cpu_sft", facts, rows, text)
+    save_results("cpu_sft", facts, rows, text, Path(args.results))
     if not same_ids or gap > 1e-4:
         sys.exit("the two sides do not compute the same first-batch loss: see above")
 

@@ -27,7 +27,6 @@ import tokenizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import benchmarks.common as common  # noqa: E402
 from benchmarks.common import RESULTS, cpu_facts, markdown_table, save_results  # noqa: E402
 from minisft.chat import make_chat_format  # noqa: E402
 from minisft.dataset import load_examples  # noqa: E402
@@ -73,8 +72,7 @@ def main() -> None:
         megabytes = data.stat().st_size / 1e6
     facts = cpu_facts() | {"tokenizers": tokenizers.__version__, "file_mb": round(megabytes, 1)}
     facts |= {"chat_format": "qwen3", "max_seq_len": MAX_SEQ_LEN}
-    common.RESULTS = Path(args.results)  # save_results writes there
-    save_results("tokenize", facts, rows, markdown_table(rows))
+    save_results("tokenize", facts, rows, markdown_table(rows), Path(args.results))
 
 
 if __name__ == "__main__":

@@ -84,13 +84,14 @@ def peak_memory_gib(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
-def save_results(name: str, facts: dict, rows: list[dict], table: str) -> None:
-    """Write benchmarks/results/<name>.json (machine-readable) and <name>.md (the table)."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({**facts, "rows": rows}, indent=2) + "\n")
+def save_results(name: str, facts: dict, rows: list[dict], table: str, folder: Path = RESULTS) -> None:
+    """Write <folder>/<name>.json (machine-readable) and <name>.md (the table); the folder is
+    benchmarks/results unless a script's --results names another."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps({**facts, "rows": rows}, indent=2) + "\n")
     header = ", ".join(f"{k} {v}" for k, v in facts.items())
-    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n")
-    print(f"wrote {RESULTS / name}.json and .md")
+    (folder / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n")
+    print(f"wrote {folder / name}.json and .md")
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -24,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import cpu_facts, markdown_table, save_results  # noqa: E402
-from minisft.demo_dpo import DPODemoConfig, lost_and_won, run_dpo_demo  # noqa: E402
+from benchmarks.common import RESULTS, cpu_facts, markdown_table, save_results  # noqa: E402
+from minisft.demo_dpo import STAGE_FILE, DPODemoConfig, lost_and_won, run_dpo_demo  # noqa: E402
+from minisft.integrity import read_json  # noqa: E402
 from minisft.tickets import make_tickets  # noqa: E402
 
 # name -> the settings that differ from the demo's (DPODemoConfig)
@@ -69,28 +70,32 @@ def row(name: str, result: dict) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/demo_dpo", help="the demo's out_dir, its SFT stage in RUNS/sft")
     parser.add_argument("--run", nargs="*", default=[], choices=sorted(VARIANTS), help="variants to run first")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--results", default=str(RESULTS), help="folder for dpo_variants.md and .json")
+    args = parser.parse_args(argv)
     runs = Path(args.runs)
-    if not (runs / "sft" / "stage.json").is_file():
+    if not (runs / "sft" / STAGE_FILE).is_file():
         sys.exit(f"no SFT stage in {runs / 'sft'}: run `python -m minisft demo --model smollm2 --dpo` first")
+    # The stage's own SFT settings (its model, tickets, precision, ...): the variants' DPO starts from
+    # that very SFT model, and the demo's defaults for everything DPO, but for the variant's change.
+    settings = read_json(runs / "sft" / STAGE_FILE)["settings"]
     for name in args.run:
         out = run_dir(runs, name)
         if (out / "results.json").is_file():
             print(f"{name}: done before ({out / 'results.json'})")
             continue
         print(f"\n=== {name}: {VARIANTS[name] or 'the demo settings'}", flush=True)
-        cfg = DPODemoConfig(out_dir=str(out), sft_dir=str(runs / "sft"), threads=args.threads)
+        cfg = DPODemoConfig(**settings, out_dir=str(out), sft_dir=str(runs / "sft"), threads=args.threads)
         run_dpo_demo(replace(cfg, **VARIANTS[name]))
     done = [name for name in VARIANTS if (run_dir(runs, name) / "results.json").is_file()]
     rows = [row(name, json.loads((run_dir(runs, name) / "results.json").read_text())) for name in done]
     table = markdown_table(rows)
     print(table)
-    save_results("dpo_variants", cpu_facts() | {"threads": args.threads}, rows, table)
+    save_results("dpo_variants", cpu_facts() | {"threads": args.threads}, rows, table, Path(args.results))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,20 @@ def test_demo_runs_sft_then_dpo_then_dpo_alone_from_the_saved_sft_stage(tiny_mod
     assert again["sft"] == json.loads(json.dumps(result["sft"])) and again["dpo"] == result["dpo"]
     assert (tmp_path / "again" / "answers.jsonl").is_file() and not (tmp_path / "again" / "sft").exists()
 
+    # benchmarks/dpo_variants.py --run: a variant's DPO from the same stage, with the stage's own SFT
+    # settings (this tiny model, its 16 tickets), the demo's DPO defaults but its change (α = 2)
+    from benchmarks import dpo_variants
+
+    variants = ["--runs", str(tmp_path), "--run", "alpha2", "--results", str(tmp_path / "results")]
+    dpo_variants.main(variants)
+    variant = json.loads((tmp_path / "variants" / "alpha2" / "results.json").read_text())
+    assert variant["sft"] == json.loads(json.dumps(result["sft"])) and variant["config"]["model"] == str(tiny_model)
+    assert variant["config"]["sft_weight"] == 2.0 and variant["config"]["dpo_lr"] == DPODemoConfig().dpo_lr
+    table = json.loads((tmp_path / "results" / "dpo_variants.json").read_text())["rows"]
+    assert [(r["variant"], r["α (sft_weight)"]) for r in table] == [("demo", cfg.sft_weight), ("alpha2", 2.0)]
+    dpo_variants.main(variants)
+    assert "alpha2: done before" in capsys.readouterr().out  # never rerun, never overwritten
+
     # other SFT settings: refused before anything is loaded or written (other DPO settings are what a rerun is for)
     with pytest.raises(ConfigError, match=r"holds an SFT stage made with other settings \(sft_lr 0.003, now 0.001\)"):
         run_dpo_demo(replace(cfg, sft_lr=1e-3))
