@@ -19,21 +19,13 @@ on rank 0, `load_full_state` sends them back out from rank 0.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from minisft.model import Transformer
@@ -103,6 +95,10 @@ TRAINING_METHODS = ("loss", "sequence_log_probs")
 def shard(model: Transformer) -> None:
     """FSDP2 in place: each Block its own all-gather unit, the rest (embedding, tied head, final
     norm) the root's. The parameters become DTensors: build the optimizer after this."""
+    # FSDP's modules are imported here, not at the top: torch.distributed.tensor alone takes ~1 s to
+    # import, which every `python -m minisft` command would pay, FSDP or not.
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, src=0)  # rank 0's weights everywhere, as DDP does on construction
     for block in model.layers:
@@ -118,9 +114,18 @@ def full_model_state(model: nn.Module) -> dict | None:
     a collective, so every rank calls it. None for a model that is not sharded: its own state_dict()
     is whole. (state_dict() of a sharded model gives each rank's DTensor shards, which a save cannot
     read: "Attempted to access the data pointer on an invalid python storage".)"""
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    if not any(is_sharded(p) for p in model.parameters()):
         return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether FSDP2 made `tensor` a DTensor (one shard per rank). Only `shard` imports the DTensor
+    class, so before it nothing can be one — and this never imports it (see `shard`)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -168,6 +173,8 @@ class Replica:
         (empty on the others); a collective, so every rank calls it. None otherwise: use the model's own."""
         if not self.fsdp:
             return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = full_model_state(self.model)
         by_name = get_optimizer_state_dict(self.model, optimizer, options=options)
@@ -183,6 +190,12 @@ class Replica:
 
     def load_full_state(self, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
         """`full_state`'s inverse under FSDP2: rank 0's whole state dicts, sharded out to every rank."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
         names = _param_names(self.model, optimizer)
         by_name = {
             "state": {names[i]: entries for i, entries in optimizer_state["state"].items()},

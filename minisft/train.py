@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from minisft.bookkeeping import Bookkeeper
 from minisft.chat import Example
-from minisft.distributed import Replica, ranks, sum_across_ranks
+from minisft.distributed import Replica, is_sharded, ranks, sum_across_ranks
 from minisft.labels import count_trained_tokens
 from minisft.model import Transformer
 from minisft.packing import Batch, pack_examples, packed_batch, packing_efficiency, pad_batch
@@ -195,7 +194,7 @@ def optimizer_step(
         sums += torch.stack([loss.detach().float(), *stats])
     sums = sum_across_ranks(sums)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all ranks' gradient shards, replicated
+    if is_sharded(grad_norm):  # FSDP2: the norm over all ranks' gradient shards, replicated
         grad_norm = grad_norm.full_tensor()
     # The step's one CPU-GPU sync: whether to update depends on the loss and the norm.
     loss_value, *stat_values, norm_value = torch.cat([sums, grad_norm.to(sums.dtype).reshape(1)]).tolist()
