@@ -17,6 +17,7 @@ from minisft.gguf import packaged_smollm2
 from minisft.model import ModelConfig, Transformer
 from minisft.tickets import make_tickets
 from minisft.tokenizer import Tokenizer
+from minisft.train import cpu_precision
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,7 @@ def test_demo_pieces_on_a_tiny_model_are_measured_and_seeded(tiny_model, tmp_pat
     for row in ("held-out tickets, exact JSON", "in new phrasing", "general questions right", "plain-text loss"):
         assert row in out
     assert re.search(r"took \d+ s .*load average", out)
+    assert f"{cpu_precision()} matmuls" in out  # bf16 only where this CPU multiplies it natively
     assert len((tmp_path / "a" / "data" / "train.jsonl").read_text().splitlines()) == 32
 
     again = run_real_demo(tiny_demo(tiny_model, tmp_path / "b"))
