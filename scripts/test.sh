@@ -12,21 +12,28 @@ source scripts/setup_venv.sh
 bash scripts/setup_triton36.sh  # triton 3.6 for the compile check under the oldest Triton we allow
 
 # Each half is interrupted (SIGINT: pytest then prints what passed, what failed and where it was
-# stopped) after 40 minutes, well inside CI's 90: a test that runs away says which one it is instead
-# of the whole job vanishing at the CI limit. On 2 quiet cores each half takes under 15 minutes.
+# stopped) after 40 minutes (MINISFT_TEST_LIMIT_S), well inside CI's 90: a test that runs away says
+# which one it is instead of the whole job vanishing at the CI limit; one that does not stop is killed
+# a minute later. --foreground keeps both halves in this script's process group, so a Ctrl-C (or a
+# CI job being cancelled) reaches them. On 2 quiet cores each half takes under 15 minutes.
 limit=${MINISFT_TEST_LIMIT_S:-2400}
+pytest_half=(timeout --foreground --signal=INT --kill-after=60 "$limit" python -m pytest)
 rest_log=$(mktemp)
-timeout --signal=INT --kill-after=60 "$limit" python -m pytest -m "not long" "$@" >"$rest_log" 2>&1 &
-rest_pid=$!
-trap 'kill "$rest_pid" 2>/dev/null || true; rm -f "$rest_log"' EXIT  # Ctrl-C stops both
+"${pytest_half[@]}" -m "not long" "$@" >"$rest_log" 2>&1 &
+rest_pid=$!  # timeout's: it passes a TERM on to its pytest
+trap 'kill "$rest_pid" 2>/dev/null || true; rm -f "$rest_log"' EXIT
 demos=0
-timeout --signal=INT --kill-after=60 "$limit" python -m pytest -m long "$@" || demos=$?
+"${pytest_half[@]}" -m long "$@" || demos=$?
 rest=0
 wait "$rest_pid" || rest=$?
 echo "---------------- all the other tests (run beside the demo runs above)"
 cat "$rest_log"
-[ "$demos" -eq 124 ] && echo "error: the long tests ran past $limit s and were interrupted (their report is above)"
-[ "$rest" -eq 124 ] && echo "error: the other tests ran past $limit s and were interrupted (their report is above)"
+for half in "long:$demos" "other:$rest"; do
+    case ${half#*:} in
+    124) echo "error: the ${half%:*} tests ran past $limit s and were interrupted (their report is above)" ;;
+    137) echo "error: the ${half%:*} tests ran past $limit s and did not stop when interrupted: killed, no report" ;;
+    esac
+done
 # 5 is "no tests collected": arguments that select tests of one kind only leave the other half empty.
 if [ "$demos" -eq 5 ] && [ "$rest" -eq 5 ]; then exit 5; fi
 [ "$demos" -eq 5 ] && demos=0

