@@ -38,6 +38,7 @@ VARIANTS: dict[str, dict] = {
     "beta0.5": {"beta": 0.5},
     "2epochs": {"dpo_epochs": 2},
     "lr5e-6_alpha2": {"dpo_lr": 5e-6, "sft_weight": 2.0},
+    "lr7.5e-6_alpha2": {"dpo_lr": 7.5e-6, "sft_weight": 2.0},
 }
 
 
