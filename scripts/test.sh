@@ -15,7 +15,7 @@ bash scripts/setup_triton36.sh  # triton 3.6 for the compile check under the old
 # stopped) after 40 minutes (MINISFT_TEST_LIMIT_S), well inside CI's 90: a test that runs away says
 # which one it is instead of the whole job vanishing at the CI limit; one that does not stop is killed
 # a minute later. --foreground keeps both halves in this script's process group, so a Ctrl-C (or a
-# CI job being cancelled) reaches them. On 2 cores the longer half took 19 minutes (README, Tests).
+# CI job being cancelled) reaches them. On 2 cores the longer half took 20 minutes (README, Tests).
 limit=${MINISFT_TEST_LIMIT_S:-2400}
 pytest_half=(timeout --foreground --signal=INT --kill-after=60 "$limit" python -m pytest)
 rest_log=$(mktemp)
