@@ -111,7 +111,6 @@ def demo_config(args: argparse.Namespace, model: str, spec: dict):
     from minisft.demo_real import RealDemoConfig
 
     cfg = RealDemoConfig(model=model, epochs=spec["epochs"], threads=args.threads, general_questions=0)
-    cfg = replace(cfg, precision=cpu_precision())  # every run alike: bf16 only where the CPU has it natively
     if spec.get("r"):
         cfg = replace(cfg, lora_r=spec["r"], lora_lr=spec["lr"])
     if args.quick:  # seconds: a handful of tickets, short rows

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -85,7 +85,8 @@ class DPODemoConfig:
     beta: float = 0.1
     sft_weight: float = 1.0  # RPO's α (dpo.py): without it greedy answers collapsed (README, "After SFT, DPO")
     threads: int = 1
-    precision: str = ""  # "bf16" (autocast) or "fp32"; "": bf16 where the CPU multiplies it natively
+    # "bf16" (autocast) or "fp32"; by default bf16 only where the CPU multiplies it natively
+    precision: str = field(default_factory=cpu_precision)
     general_questions: int = len(GENERAL_QUESTIONS)
     max_plain_text_tokens: int = 256
 
@@ -132,7 +133,6 @@ def run_dpo_demo(cfg: DPODemoConfig = DPODemoConfig()) -> dict:
 
 
 def _run(cfg: DPODemoConfig, threads: int) -> dict:
-    cfg = replace(cfg, precision=cfg.precision or cpu_precision())
     precision = cfg.precision
     phases = Phases()
     out = Path(cfg.out_dir)

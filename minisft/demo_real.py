@@ -38,7 +38,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -97,7 +97,8 @@ class RealDemoConfig:
     max_plain_text_tokens: int = 256  # a paragraph longer than this is cut
     lora_r: int = 0  # > 0: LoRA of this rank on all seven projections instead of full fine-tuning (--lora R)
     lora_lr: float = 1e-3  # LoRA's lr: adapters want ~10x full fine-tuning's (Biderman et al. 2024, sec. 4)
-    precision: str = ""  # "bf16" (autocast) or "fp32"; "": bf16 where the CPU multiplies it natively
+    # "bf16" (autocast) or "fp32"; by default bf16 only where the CPU multiplies it natively
+    precision: str = field(default_factory=cpu_precision)
 
 
 def find_model(name: str) -> str:
@@ -220,7 +221,6 @@ def open_chat_model(name: str) -> tuple[SavedModel, Transformer, Tokenizer, Chat
 
 
 def _run(cfg: RealDemoConfig, threads: int) -> dict:
-    cfg = replace(cfg, precision=cfg.precision or cpu_precision())
     phases = Phases()
     torch.manual_seed(cfg.seed)
     saved, model, tokenizer, chat = open_chat_model(cfg.model)
