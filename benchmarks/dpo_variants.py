@@ -1,17 +1,19 @@
 """The DPO demo's DPO stage with other settings, side by side, all from one saved SFT stage.
 
     python -m minisft demo --model smollm2 --dpo            # first: SFT (saved in runs/demo_dpo/sft) + DPO
-    python benchmarks/dpo_variants.py --run lr5e-6 alpha2 ...   # these variants, then the table
+    python benchmarks/dpo_variants.py --run alpha5 compact ...   # these variants, then the table
     python benchmarks/dpo_variants.py                           # the table of the variants done so far
 
-`minisft/demo_dpo.py` saves its SFT stage (the model, its measurements, the reference log-probs) in
-RUNS/sft; each variant here reruns only DPO from it, in RUNS/variants/NAME (the demo's own settings
-are the variant "demo", read from RUNS itself), and writes results.json and answers.jsonl there. A
-variant whose results.json exists is not rerun. The table (benchmarks/results/dpo_variants.{md,json})
-has, per variant: held-out preference accuracy, the share of greedy answers written compact, the
-task score (exact JSON over the held-out tickets) and how many tickets it lost and won against the
-SFT model, and the forgetting (general questions, plain-text loss on Alice), with each run's load
-average (the CPU may be shared: the seconds compare loosely).
+`minisft/demo_dpo.py` saves its SFT stage (the model and its measurements; the reference log-probs of
+each preference's pairs beside them) in RUNS/sft; each variant here reruns only DPO from it, in
+RUNS/variants/NAME (the demo's own settings are the variant "demo", read from RUNS itself), and
+writes results.json and answers.jsonl there. A variant whose results.json exists is not rerun. The
+table (benchmarks/results/dpo_variants.{md,json}) has, per variant: its preference
+(`demo_dpo.PREFERENCES`), held-out preference accuracy, the share of greedy answers that show the
+preference (escalate right, or written compact), the task score (exact JSON over the held-out
+tickets) and how many tickets it lost and won against the SFT model, and the forgetting (general
+questions, plain-text loss on Alice), with each run's load average (the CPU may be shared: the
+seconds compare loosely).
 """
 
 from __future__ import annotations
@@ -32,13 +34,12 @@ from minisft.tickets import make_tickets  # noqa: E402
 # name -> the settings that differ from the demo's (DPODemoConfig)
 VARIANTS: dict[str, dict] = {
     "demo": {},
-    "lr5e-6": {"dpo_lr": 5e-6},
-    "alpha2": {"sft_weight": 2.0},
-    "alpha0.5": {"sft_weight": 0.5},
-    "beta0.5": {"beta": 0.5},
-    "2epochs": {"dpo_epochs": 2},
-    "lr5e-6_alpha2": {"dpo_lr": 5e-6, "sft_weight": 2.0},
-    "lr7.5e-6_alpha2": {"dpo_lr": 7.5e-6, "sft_weight": 2.0},
+    "alpha5": {"sft_weight": 5.0},
+    "alpha10": {"sft_weight": 10.0},
+    "compact": {"preference": "compact"},
+    "compact_alpha2": {"preference": "compact", "sft_weight": 2.0},
+    "compact_lr5e-6_alpha2": {"preference": "compact", "dpo_lr": 5e-6, "sft_weight": 2.0},
+    "compact_lr7.5e-6_alpha2": {"preference": "compact", "dpo_lr": 7.5e-6, "sft_weight": 2.0},
 }
 
 
@@ -55,12 +56,13 @@ def row(name: str, result: dict) -> dict:
     general = [sum(ok for _, ok in r["general"]) for r in (sft, dpo)]
     return {
         "variant": name,
+        "preference": cfg["preference"],
         "lr": cfg["dpo_lr"],
         "α (sft_weight)": cfg["sft_weight"],
         "β": cfg["beta"],
         "steps": -(-cfg["train_tickets"] // cfg["pairs_per_step"]) * cfg["dpo_epochs"],
         "preference acc.": f"{sft['preference']:.1%} → {dpo['preference']:.1%}",
-        "compact": f"{dpo['compact']:.1%}",
+        "answers showing it": f"{sft['shows']:.1%} → {dpo['shows']:.1%}",
         "exact JSON": f"{sft['score']['exact']:.1%} → {dpo['score']['exact']:.1%}",
         "tickets lost / won": f"{lost} / {won} of {n}",
         "valid JSON": f"{dpo['score']['valid']:.1%}",

@@ -3,28 +3,39 @@
     python -m minisft demo --model smollm2 --dpo
 
 1. SFT, as the real-model demo (`demo_real.py`) does it, shortened: SmolLM2-135M-Instruct learns to
-   triage 200 support tickets into JSON written as `json.dumps` writes it, `{"category": "billing", ...}`.
-2. DPO on 200 preference pairs over the same training prompts: chosen is the same JSON written
-   compactly, `{"category":"billing",...}` (a fifth fewer tokens, what a log store or a token
-   budget prefers), rejected the spaced form SFT taught. The SFT data never holds the compact
-   form, so the SFT model prefers the spaced one — the preference is DPO's to teach.
+   triage 200 support tickets into JSON written as `json.dumps` writes it,
+   `{"category": "billing", "priority": "high", "order_id": null}`.
+2. DPO on 200 preference pairs over the same training prompts (`preference`, PREFERENCES):
+   "escalate" (the default) — chosen is the same JSON with a field the SFT data never holds,
+   `"escalate": true` exactly when the priority is high (a rule the support team now wants), rejected
+   the JSON SFT taught; "compact" — chosen is the same JSON without spaces, `{"category":"billing",...}`,
+   rejected the spaced form. Either way the SFT model prefers the rejected answer: the preference is
+   DPO's to teach.
 3. Measured after SFT and after DPO, on 200 held-out tickets (half in new phrasing; the first 100
-   also as pairs): held-out preference accuracy (the model's log π(compact) > log π(spaced), and
-   DPO's implicit-reward accuracy), the share of greedy answers written compact, the task score
-   (every field right; parsing ignores spacing), and the forgetting as the SFT demo measures it
-   (general questions, plain-text loss on Alice).
+   also as pairs): held-out preference accuracy (the model's log π(chosen) > log π(rejected), and
+   DPO's implicit-reward accuracy), the share of greedy answers that show the preference, the task
+   score (the three fields right; parsing ignores spacing and the escalate field), and the
+   forgetting as the SFT demo measures it (general questions, plain-text loss on Alice).
 
-The reference model is the SFT model: its log-probs are computed once before DPO (`dpo.py`). DPO
-here carries RPO's SFT term on the chosen answer (`sft_weight`, α = 1) at lr 1e-5. bf16 autocast only
-where the CPU multiplies bf16 natively; elsewhere fp32 (`precision`).
+Why "escalate" is the default: DPO's gradient comes only from the tokens where the chosen and the
+rejected answer part — the shared prefix cancels in log π(chosen) − log π(rejected). The escalate
+field parts from the SFT answer after its last task decision (`null` then `,` instead of `}`), so
+DPO never touches the tokens that decide category, priority and order_id; the compact form parts at
+the first key and moves the order_id null-or-string decision onto a token DPO promotes (README,
+"After SFT, DPO": measured, it cost 12 held-out tickets).
 
-In parts: the SFT stage — the SFT model (OUT_DIR/sft/model), its measurements and the reference
-log-probs of every pair (sft/stage.json, written last) — is saved, and a rerun with the same SFT
-settings reads it back instead of redoing it, and says so: only DPO runs again. A stage made with
-other SFT settings is refused, never replaced. `sft_dir` points a run at another run's stage
-(`benchmarks/dpo_variants.py` runs DPO variants so). Each held-out ticket's answers after SFT and
-after DPO are in OUT_DIR/answers.jsonl, the printed numbers in OUT_DIR/results.json. Measured
-numbers and the variants: README, "After SFT, DPO".
+The reference model is the SFT model: its log-probs of a preference's pairs are computed once and
+stored beside it (sft/reference_NAME.json). DPO here carries RPO's SFT term on the chosen answer
+(`sft_weight`, α = 1) at lr 1e-5. bf16 autocast only where the CPU multiplies bf16 natively;
+elsewhere fp32 (`precision`).
+
+In parts: the SFT stage — the SFT model (OUT_DIR/sft/model) and its measurements (sft/stage.json,
+written last) — is saved, and a rerun with the same SFT settings reads it back instead of redoing
+it, and says so: only DPO runs again (and the reference log-probs of a preference not seen before).
+A stage made with other SFT settings is refused, never replaced. `sft_dir` points a run at another
+run's stage (`benchmarks/dpo_variants.py` runs DPO variants so). Each held-out ticket's answers
+after SFT and after DPO are in OUT_DIR/answers.jsonl, the printed numbers in OUT_DIR/results.json.
+Measured numbers and the variants: README, "After SFT, DPO".
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -44,9 +56,9 @@ from minisft.demo_real import (
     GENERAL_QUESTIONS,
     Phases,
     alice_paragraphs,
+    answer,
     cut,
     general_answers,
-    measure,
     open_chat_model,
     with_threads,
 )
@@ -55,7 +67,7 @@ from minisft.errors import ConfigError
 from minisft.integrity import read_json, write_atomically
 from minisft.packing import pack_examples
 from minisft.preference import Pair, render_pair
-from minisft.tickets import Ticket, is_exact, make_tickets
+from minisft.tickets import Ticket, is_exact, make_tickets, score
 from minisft.train import TrainConfig, cpu_precision, evaluate, train_loop
 
 STAGE_FILE = "stage.json"  # in the SFT folder, written last: the SFT stage's results, its model beside it
@@ -64,6 +76,53 @@ SFT_SETTINGS = (
     "model", "seed", "train_tickets", "heldout_tickets", "preference_tickets", "sft_epochs", "sft_lr", "pack_to",
     "rows_per_step", "general_questions", "max_plain_text_tokens", "precision",
 )  # fmt: skip
+ANSWER_TOKENS = 48  # a greedy answer's budget: the JSON with the escalate field is 33 tokens, SFT's at most 26
+FIELD = "escalate"  # the "escalate" preference's field
+
+
+def compact(answer: str) -> str:
+    """The same JSON without the spaces after ':' and ','."""
+    return json.dumps(json.loads(answer), separators=(",", ":"))
+
+
+def escalated(ticket: Ticket) -> str:
+    """The ticket's JSON with the field SFT never taught: escalate exactly the high-priority tickets."""
+    return json.dumps(json.loads(ticket.answer()) | {FIELD: ticket.priority == "high"})
+
+
+def parsed(answer: str) -> dict | None:
+    try:
+        value = json.loads(answer)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def task_fields(answer: str) -> str:
+    """The answer as the task score reads it: without the escalate field, which is the preference's."""
+    value = parsed(answer)
+    return json.dumps({k: v for k, v in value.items() if k != FIELD}) if value and FIELD in value else answer
+
+
+@dataclass(frozen=True)
+class Preference:
+    """What DPO's pairs teach: the chosen answer (the rejected one is the JSON SFT taught), and
+    whether a greedy answer to a ticket shows the preference."""
+
+    chosen: Callable[[Ticket], str]
+    shows: Callable[[str, Ticket], bool]
+    says: str  # what `shows` counts, for the printout
+
+
+PREFERENCES = {
+    "escalate": Preference(
+        escalated,
+        lambda a, t: (parsed(a) or {}).get(FIELD, None) is (t.priority == "high"),
+        'with "escalate" right',
+    ),
+    "compact": Preference(lambda t: compact(t.answer()), lambda a, t: parsed(a) is not None and a == compact(a),
+                          "written compact"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,6 +138,7 @@ class DPODemoConfig:
     sft_lr: float = 2e-4
     pack_to: int = 512
     rows_per_step: int = 2
+    preference: str = "escalate"  # what DPO teaches: a key of PREFERENCES
     dpo_epochs: int = 1
     pairs_per_step: int = 8
     dpo_lr: float = 1e-5
@@ -91,17 +151,12 @@ class DPODemoConfig:
     max_plain_text_tokens: int = 256
 
 
-def compact(answer: str) -> str:
-    """The same JSON without the spaces after ':' and ','."""
-    return json.dumps(json.loads(answer), separators=(",", ":"))
-
-
-def preference_pairs(chat: ChatFormat, tickets: list[Ticket]) -> list[Pair]:
-    """Prompt = the ticket conversation; chosen = compact JSON, rejected = the spaced JSON SFT taught."""
+def preference_pairs(chat: ChatFormat, tickets: list[Ticket], preference: Preference) -> list[Pair]:
+    """Prompt = the ticket conversation; chosen = the preference's answer, rejected = the JSON SFT taught."""
     answer_only = type(chat)(chat.tokenizer, "last")
     pairs = []
     for t in tickets:
-        good = {"role": "assistant", "content": compact(t.answer())}
+        good = {"role": "assistant", "content": preference.chosen(t)}
         bad = {"role": "assistant", "content": t.answer()}
         pairs.append(Pair(*render_pair(answer_only, t.conversation(with_answer=False), good, bad, "demo")))
     return pairs
@@ -129,11 +184,14 @@ def saved_sft_stage(folder: Path, cfg: DPODemoConfig) -> dict | None:
 
 
 def run_dpo_demo(cfg: DPODemoConfig = DPODemoConfig()) -> dict:
+    if cfg.preference not in PREFERENCES:
+        raise ConfigError(f"preference {cfg.preference!r} is not one of {', '.join(PREFERENCES)}")
     return with_threads(cfg.threads, lambda threads: _run(cfg, threads))
 
 
 def _run(cfg: DPODemoConfig, threads: int) -> dict:
     precision = cfg.precision
+    preference = PREFERENCES[cfg.preference]
     phases = Phases()
     out = Path(cfg.out_dir)
     sft_dir = Path(cfg.sft_dir) if cfg.sft_dir else out / "sft"
@@ -142,9 +200,9 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
     saved, model, tokenizer, chat = open_chat_model(str(sft_dir / "model") if stage else cfg.model)
     train, heldout = make_tickets(cfg.seed, cfg.train_tickets, cfg.heldout_tickets)
     train_set = chat.render_many([t.conversation() for t in train])
-    train_pairs = preference_pairs(chat, train)
-    heldout_pairs = preference_pairs(chat, heldout[: cfg.preference_tickets])
-    records = [{"prompt": t.conversation(False), "chosen": compact(t.answer()), "rejected": t.answer()} for t in train]
+    train_pairs = preference_pairs(chat, train, preference)
+    heldout_pairs = preference_pairs(chat, heldout[: cfg.preference_tickets], preference)
+    records = [{"prompt": t.conversation(False), "chosen": preference.chosen(t), "rejected": t.answer()} for t in train]
     write_jsonl(out / "data" / "train_sft.jsonl", [t.conversation() for t in train])
     # The pairs as `python -m minisft dpo` reads them (preference.py's prompt/chosen/rejected layout).
     (out / "data" / "train_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -152,31 +210,32 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
     questions = GENERAL_QUESTIONS[: cfg.general_questions]
     pad = tokenizer.pad_id
     print(
-        f"model: {saved.path}; {len(train)} SFT tickets = {len(train_pairs)} DPO pairs, {len(heldout)} held out "
-        f"(the first {len(heldout_pairs)} also as pairs); {precision} matmuls on {threads} thread(s)"
+        f"model: {saved.path}; {len(train)} SFT tickets = {len(train_pairs)} DPO pairs ({cfg.preference}), "
+        f"{len(heldout)} held out (the first {len(heldout_pairs)} also as pairs); {precision} matmuls on "
+        f"{threads} thread(s)"
     )
     phases.done("load")
 
-    def measured(name: str) -> tuple[dict, torch.Tensor | None]:
-        """The model's results, and its (P, 2) log-probs of the held-out pairs (after SFT: DPO's reference)."""
-        losses = {"plain_text": evaluate(model, plain_text, pad, 16, precision)}
-        logps = None
-        if name == "base":  # the base never writes the JSON: only its general knowledge is measured
-            result = {"general": general_answers(model, chat, questions, precision), "losses": losses}
-        else:
-            result = measure(model, chat, heldout, questions, losses, precision)
-            result["compact"] = share(
-                torch.tensor([a == compact(a) if valid_json(a) else False for a in result["answers"]])
-            )
-            logps = pair_log_probs(model, heldout_pairs, pad, 16, precision)
-            result["preference"] = share(logps[:, 0] > logps[:, 1])  # log π(compact) > log π(spaced)
+    def measured(name: str) -> dict:
+        """The model's general answers and plain-text loss, and but for the base its held-out task answers and score."""
+        result = {"losses": {"plain_text": evaluate(model, plain_text, pad, 16, precision)}}
+        if name != "base":  # the base never writes the JSON: only its general knowledge is measured
+            prompts = [t.conversation(with_answer=False) for t in heldout]
+            answers = answer(model, chat, prompts, ANSWER_TOKENS, precision)
+            result |= {"answers": answers, "score": score([task_fields(a) for a in answers], heldout)}
+        result["general"] = general_answers(model, chat, questions, precision)
         phases.done(f"{name} measured")
-        return result, logps
+        return result
+
+    def preferred(result: dict, logps: torch.Tensor) -> dict:
+        """The result with how far it shows the preference: held-out pairs ranked, greedy answers showing it."""
+        shows = [preference.shows(a, t) for a, t in zip(result["answers"], heldout, strict=True)]
+        return result | {"preference": share(logps[:, 0] > logps[:, 1]), "shows": share(torch.tensor(shows))}
 
     if stage is None:
-        base, _ = measured("base")
+        base = measured("base")
 
-        # 1. SFT: the spaced JSON.
+        # 1. SFT: the JSON as json.dumps writes it.
         steps = math.ceil(len(pack_examples(train_set, cfg.pack_to)) / cfg.rows_per_step) * cfg.sft_epochs
         sft_cfg = TrainConfig(
             steps=steps, batch_size=cfg.rows_per_step, lr=cfg.sft_lr, warmup_steps=10, eval_every=0, log_every=5,
@@ -185,28 +244,34 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
         (sft_dir / "metrics.jsonl").unlink(missing_ok=True)  # this run's numbers only
         train_loop(model, train_set, {}, sft_cfg, pad, sft_dir, "sft", cfg.pack_to)
         phases.done("SFT")
-        sft, heldout_logps = measured("SFT")
-        # DPO's reference is the SFT model: its log-probs, taken once (the held-out ones just above).
-        train_logps = pair_log_probs(model, train_pairs, pad, 16, precision)
-        phases.done("reference log-probs")
+        sft = measured("SFT")
         save_model(sft_dir / "model", model, tokenizer, chat.name)
-        stage = {
-            "settings": {key: getattr(cfg, key) for key in SFT_SETTINGS}, "base": base, "sft": sft,
-            "reference": {"train": train_logps.tolist(), "heldout": heldout_logps.tolist()}, "phases": phases.rows,
-        }  # fmt: skip
+        stage = {"settings": {key: getattr(cfg, key) for key in SFT_SETTINGS}, "base": base, "sft": sft,
+                 "phases": phases.rows}  # fmt: skip
         write_atomically(sft_dir / STAGE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(stage)))
-        print(f"saved the SFT stage in {sft_dir} (its model, results and reference log-probs): a rerun starts from it")
+        print(f"saved the SFT stage in {sft_dir} (its model and results): a rerun starts from it")
     else:
         made = sum(wall for _, wall, _ in stage["phases"])
         print(
-            f"reusing the SFT stage in {sft_dir}: made with these settings ({made:.0f} s then); its model, results "
-            "and reference log-probs are read back, not recomputed (remove that folder to redo SFT)"
+            f"reusing the SFT stage in {sft_dir}: made with these settings ({made:.0f} s then); its model and "
+            "results are read back, not recomputed (remove that folder to redo SFT)"
         )
 
+    # DPO's reference is the SFT model: its log-probs of this preference's pairs, taken once and kept.
+    reference_file = sft_dir / f"reference_{cfg.preference}.json"
+    if reference_file.is_file():
+        reference = read_json(reference_file)
+    else:
+        reference = {
+            "train": pair_log_probs(model, train_pairs, pad, 16, precision).tolist(),
+            "heldout": pair_log_probs(model, heldout_pairs, pad, 16, precision).tolist(),
+        }
+        write_atomically(reference_file, lambda tmp: Path(tmp).write_text(json.dumps(reference)))
+        phases.done("reference log-probs")
+    sft = preferred(stage["sft"], torch.tensor(reference["heldout"]))
+
     # 2. DPO from the SFT model, against its stored log-probs.
-    train_pairs = [
-        replace(p, reference=tuple(r)) for p, r in zip(train_pairs, stage["reference"]["train"], strict=True)
-    ]
+    train_pairs = [replace(p, reference=tuple(r)) for p, r in zip(train_pairs, reference["train"], strict=True)]
     dpo_cfg = TrainConfig(
         steps=math.ceil(len(train_pairs) / cfg.pairs_per_step) * cfg.dpo_epochs, batch_size=cfg.pairs_per_step,
         lr=cfg.dpo_lr, warmup_steps=3, eval_every=0, log_every=5, seed=cfg.seed, save_every=0, threads=threads,
@@ -216,16 +281,22 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
     (out / "dpo" / "metrics.jsonl").unlink(missing_ok=True)
     train_loop(model, train_pairs, {}, dpo_cfg, pad, out / "dpo", "dpo", objective=objective)
     phases.done("DPO")
-    tuned, logps = measured("DPO")
-    ratios = logps - torch.tensor(stage["reference"]["heldout"])  # β·(log π − log π_ref) up to β
+    logps = pair_log_probs(model, heldout_pairs, pad, 16, precision)
+    tuned = preferred(measured("DPO"), logps)
+    ratios = logps - torch.tensor(reference["heldout"])  # β·(log π − log π_ref) up to β
     tuned["implicit"] = share(ratios[:, 0] > ratios[:, 1])
-    write_answers(out / "answers.jsonl", heldout, stage["sft"], tuned)
-    print_results(stage["base"], stage["sft"], tuned, questions, heldout, len(heldout_pairs))
+    write_answers(out / "answers.jsonl", heldout, sft, tuned)
+    print_results(stage["base"], sft, tuned, questions, heldout, len(heldout_pairs), preference)
     print(phases.report(threads))
-    result = {"config": asdict(cfg), "base": stage["base"], "sft": stage["sft"], "dpo": tuned, "phases": phases.rows}
+    result = {"config": asdict(cfg), "base": stage["base"], "sft": sft, "dpo": tuned, "phases": phases.rows}
     result["load_average"] = [phases.load_start, os.getloadavg()[0]]  # at the start and the end
     write_atomically(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     return result
+
+
+def exact(answer: str, ticket: Ticket) -> bool:
+    """The task's three fields right (the escalate field is the preference's, not the task's)."""
+    return is_exact(task_fields(answer), ticket)
 
 
 def write_answers(path: Path, heldout: list[Ticket], sft: dict, dpo: dict) -> None:
@@ -233,42 +304,31 @@ def write_answers(path: Path, heldout: list[Ticket], sft: dict, dpo: dict) -> No
     lines = []
     for i, (ticket, before, after) in enumerate(zip(heldout, sft["answers"], dpo["answers"], strict=True)):
         row = {"ticket": i, "new_phrasing": ticket.new_phrasing, "text": ticket.text, "expected": ticket.answer()}
-        row |= {"sft": before, "dpo": after, "sft_exact": is_exact(before, ticket)}
-        row["dpo_exact"] = is_exact(after, ticket)
+        row |= {"sft": before, "dpo": after, "sft_exact": exact(before, ticket), "dpo_exact": exact(after, ticket)}
         lines.append(json.dumps(row) + "\n")
     write_atomically(path, lambda tmp: Path(tmp).write_text("".join(lines)))
 
 
 def lost_and_won(heldout: list[Ticket], before: list[str], after: list[str]) -> tuple[int, int]:
     """How many held-out tickets were right before and wrong after, and the other way round."""
-    right = [[is_exact(a, t) for a, t in zip(answers, heldout, strict=True)] for answers in (before, after)]
+    right = [[exact(a, t) for a, t in zip(answers, heldout, strict=True)] for answers in (before, after)]
     return tuple(sum(a and not b for a, b in zip(*pair, strict=True)) for pair in (right, right[::-1]))
 
 
-def valid_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
-
-
-def print_results(base: dict, sft: dict, dpo: dict, questions: tuple, heldout: list[Ticket], pairs: int) -> None:
+def print_results(
+    base: dict, sft: dict, dpo: dict, questions: tuple, heldout: list[Ticket], pairs: int, preference: Preference
+) -> None:
     n = len(heldout)
     rows = [
-        (
-            "held-out preference accuracy",
-            sft["preference"],
-            dpo["preference"],
-            f"log π(compact) > log π(spaced), {pairs} pairs",
-        ),
+        ("held-out preference accuracy", sft["preference"], dpo["preference"],
+         f"log π(chosen) > log π(rejected), {pairs} pairs"),
         ("  implicit reward accuracy", None, dpo["implicit"], "β·log π/π_ref: chosen > rejected"),
-        ("answers written compact", sft["compact"], dpo["compact"], f"greedy, {n} held-out tickets"),
+        (f"answers {preference.says}", sft["shows"], dpo["shows"], f"greedy, {n} held-out tickets"),
         ("held-out tickets, exact JSON", sft["score"]["exact"], dpo["score"]["exact"], "all 3 fields right"),
         ("  in seen phrasing", sft["score"]["exact/seen"], dpo["score"]["exact/seen"], ""),
         ("  in new phrasing", sft["score"]["exact/new"], dpo["score"]["exact/new"], ""),
         ("  valid JSON of the schema", sft["score"]["valid"], dpo["score"]["valid"], ""),
-    ]
+    ]  # fmt: skip
     print(f"\n{'':32}{'base':>8}{'after SFT':>12}{'after DPO':>12}   what it shows")
     for name, a, b, meaning in rows:
         first = "—" if a is None else f"{a:.1%}"

@@ -57,7 +57,6 @@ def test_train_step_benchmark_cpu_mode_runs():
 
 
 def test_train_step_flop_count_matches_a_hand_count():
-    sys.path.insert(0, str(REPO_ROOT))
     from benchmarks.bench_train_step import CPU_SHAPE, packed_batch, step_flops
 
     # CPU_SHAPE by hand: vocab 512, d 64, 2 layers, 4 heads of 16, 2 K/V heads, SwiGLU 128, tied.
