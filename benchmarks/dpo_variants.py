@@ -1,7 +1,7 @@
 """The DPO demo's DPO stage with other settings, side by side, all from one saved SFT stage.
 
     python -m minisft demo --model smollm2 --dpo            # first: SFT (saved in runs/demo_dpo/sft) + DPO
-    python benchmarks/dpo_variants.py --run alpha5 compact ...   # these variants, then the table
+    python benchmarks/dpo_variants.py --run escalate_last compact ...   # these variants, then the table
     python benchmarks/dpo_variants.py                           # the table of the variants done so far
 
 `minisft/demo_dpo.py` saves its SFT stage (the model and its measurements; the reference log-probs of
@@ -10,7 +10,7 @@ RUNS/variants/NAME (the demo's own settings are the variant "demo", read from RU
 writes results.json and answers.jsonl there. A variant whose results.json exists is not rerun. The
 table (benchmarks/results/dpo_variants.{md,json}) has, per variant: its preference
 (`demo_dpo.PREFERENCES`), held-out preference accuracy, the share of greedy answers that show the
-preference (escalate right, or written compact), the task score (exact JSON over the held-out
+preference (the escalate flag right, or written compact), the task score (exact JSON over the held-out
 tickets) and how many tickets it lost and won against the SFT model, and the forgetting (general
 questions, plain-text loss on Alice), with each run's load average (the CPU may be shared: the
 seconds compare loosely).
@@ -34,8 +34,8 @@ from minisft.tickets import make_tickets  # noqa: E402
 # name -> the settings that differ from the demo's (DPODemoConfig)
 VARIANTS: dict[str, dict] = {
     "demo": {},
-    "alpha5": {"sft_weight": 5.0},
-    "alpha10": {"sft_weight": 10.0},
+    "escalate_last": {"preference": "escalate_last"},
+    "escalate_last_alpha5": {"preference": "escalate_last", "sft_weight": 5.0},
     "compact": {"preference": "compact"},
     "compact_alpha2": {"preference": "compact", "sft_weight": 2.0},
     "compact_lr5e-6_alpha2": {"preference": "compact", "dpo_lr": 5e-6, "sft_weight": 2.0},

@@ -7,22 +7,25 @@
    `{"category": "billing", "priority": "high", "order_id": null}`.
 2. DPO on 200 preference pairs over the same training prompts (`preference`, PREFERENCES):
    "escalate" (the default) — chosen is the same JSON with a field the SFT data never holds,
-   `"escalate": true` exactly when the priority is high (a rule the support team now wants), rejected
-   the JSON SFT taught; "compact" — chosen is the same JSON without spaces, `{"category":"billing",...}`,
-   rejected the spaced form. Either way the SFT model prefers the rejected answer: the preference is
-   DPO's to teach.
+   `"escalate": true` exactly when the priority is high (a rule the support team now wants), written
+   between priority and order_id; rejected the JSON SFT taught. "escalate_last" writes the field after
+   order_id; "compact" writes the same JSON without spaces, `{"category":"billing",...}`. Either way
+   the SFT model prefers the rejected answer: the preference is DPO's to teach.
 3. Measured after SFT and after DPO, on 200 held-out tickets (half in new phrasing; the first 100
    also as pairs): held-out preference accuracy (the model's log π(chosen) > log π(rejected), and
    DPO's implicit-reward accuracy), the share of greedy answers that show the preference, the task
    score (the three fields right; parsing ignores spacing and the escalate field), and the
    forgetting as the SFT demo measures it (general questions, plain-text loss on Alice).
 
-Why "escalate" is the default: DPO's gradient comes only from the tokens where the chosen and the
-rejected answer part — the shared prefix cancels in log π(chosen) − log π(rejected). The escalate
-field parts from the SFT answer after its last task decision (`null` then `,` instead of `}`), so
-DPO never touches the tokens that decide category, priority and order_id; the compact form parts at
-the first key and moves the order_id null-or-string decision onto a token DPO promotes (README,
-"After SFT, DPO": measured, it cost 12 held-out tickets).
+Why the field goes between priority and order_id: DPO's gradient comes from the tokens after the
+point where chosen and rejected part (the shared prefix cancels in log π(chosen) − log π(rejected)),
+and at that first differing token DPO pushes the rejected token down, the freed probability going
+wherever the softmax sends it. There the pair parts at a key (` "` then `esc` vs `order`), after
+the category and the priority are written, and both answers then write the same order_id tokens. After
+order_id, it parts at the token that closes a string order number (`"}` vs `",`: one BPE token with the
+quote), and DPO pushed order numbers on into `"])` or more digits; the compact form parts at the first
+key and moves the order_id null-or-string decision onto a token DPO promotes (README, "After SFT, DPO",
+all three measured).
 
 The reference model is the SFT model: its log-probs of a preference's pairs are computed once and
 stored beside it (sft/reference_NAME.json). DPO here carries RPO's SFT term on the chosen answer
@@ -85,9 +88,13 @@ def compact(answer: str) -> str:
     return json.dumps(json.loads(answer), separators=(",", ":"))
 
 
-def escalated(ticket: Ticket) -> str:
-    """The ticket's JSON with the field SFT never taught: escalate exactly the high-priority tickets."""
-    return json.dumps(json.loads(ticket.answer()) | {FIELD: ticket.priority == "high"})
+def escalated(ticket: Ticket, last: bool = False) -> str:
+    """The ticket's JSON with the field SFT never taught — escalate exactly the high-priority tickets —
+    between priority and order_id, or (last) after order_id."""
+    flag = {FIELD: ticket.priority == "high"}
+    if last:
+        return json.dumps(json.loads(ticket.answer()) | flag)
+    return json.dumps({"category": ticket.category, "priority": ticket.priority} | flag | {"order_id": ticket.order_id})
 
 
 def parsed(answer: str) -> dict | None:
@@ -114,12 +121,14 @@ class Preference:
     says: str  # what `shows` counts, for the printout
 
 
+def flagged(answer: str, ticket: Ticket) -> bool:
+    """Whether the answer holds the escalate flag the ticket's priority calls for."""
+    return (parsed(answer) or {}).get(FIELD, None) is (ticket.priority == "high")
+
+
 PREFERENCES = {
-    "escalate": Preference(
-        escalated,
-        lambda a, t: (parsed(a) or {}).get(FIELD, None) is (t.priority == "high"),
-        'with "escalate" right',
-    ),
+    "escalate": Preference(escalated, flagged, 'with "escalate" right'),
+    "escalate_last": Preference(lambda t: escalated(t, last=True), flagged, 'with "escalate" right'),
     "compact": Preference(lambda t: compact(t.answer()), lambda a, t: parsed(a) is not None and a == compact(a),
                           "written compact"),
 }  # fmt: skip

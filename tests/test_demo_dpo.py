@@ -40,7 +40,9 @@ def test_pairs_hold_the_preferred_answer_and_the_sft_one(tiny_model):  # noqa: F
     tickets, _ = make_tickets(0, 40, 0)
     trained = lambda e: [t for t in e.labels if t != IGNORE_INDEX]  # noqa: E731
     end = tokenizer.token_id("<|im_end|>")
-    for name, chosen in (("escalate", escalated), ("compact", lambda t: compact(t.answer()))):
+    forms = {"escalate": escalated, "escalate_last": lambda t: escalated(t, last=True),
+             "compact": lambda t: compact(t.answer())}  # fmt: skip
+    for name, chosen in forms.items():
         pairs = preference_pairs(ChatML(tokenizer), tickets, PREFERENCES[name])
         for ticket, pair in zip(tickets, pairs, strict=True):
             assert trained(pair.chosen) == tokenizer.encode(chosen(ticket)) + [end]
@@ -48,35 +50,43 @@ def test_pairs_hold_the_preferred_answer_and_the_sft_one(tiny_model):  # noqa: F
     (ticket,) = [t for t in tickets[:3] if t.priority == "high"][:1] or tickets[:1]
     assert json.loads(compact(ticket.answer())) == json.loads(ticket.answer())
     assert compact(ticket.answer()).startswith('{"category":"') and ticket.answer().startswith('{"category": "')
-    assert json.loads(escalated(ticket)) == json.loads(ticket.answer()) | {"escalate": ticket.priority == "high"}
+    for form in (escalated(ticket), escalated(ticket, last=True)):
+        assert json.loads(form) == json.loads(ticket.answer()) | {"escalate": ticket.priority == "high"}
+    assert list(json.loads(escalated(ticket))) == ["category", "priority", "escalate", "order_id"]
     assert {t.priority == "high" for t in tickets} == {True, False} and {t.order_id is None for t in tickets} == {
         True, False}  # fmt: skip
 
 
-def test_the_escalate_pairs_part_after_every_task_decision_and_the_compact_ones_before(tiny_model):  # noqa: F811
+def test_where_the_pairs_part_escalate_at_a_key_escalate_last_at_the_last_value_compact_at_the_first(tiny_model):  # noqa: F811
     """DPO's gradient comes from the tokens after the shared prefix of chosen and rejected (the prefix
-    cancels in log π(chosen) − log π(rejected)): the escalate field's pairs share every token up to the
-    order_id value, the compact form's part before the category is written."""
+    cancels in log π(chosen) − log π(rejected)). The escalate field between priority and order_id: the
+    pair shares category and priority and parts at a key, and what follows in the rejected answer (the
+    order_id key and value) is the chosen one's ending, token for token. After order_id: the pair shares
+    every task value. Compact: it parts before the category is written."""
     from minisft.checkpoint import load_model
 
     _, tokenizer, _ = load_model(tiny_model)
     tickets, _ = make_tickets(0, 40, 0)
-    for name in ("escalate", "compact"):
+    for name in PREFERENCES:
         for ticket, pair in zip(tickets, preference_pairs(ChatML(tokenizer), tickets, PREFERENCES[name]), strict=True):
             chosen, rejected = ([t for t in e.labels if t != IGNORE_INDEX] for e in (pair.chosen, pair.rejected))
             shared = next(i for i, (c, r) in enumerate(zip(chosen, rejected, strict=False)) if c != r)
-            value = ticket.order_id or "null"
-            decided = ticket.answer()[: ticket.answer().rindex(value) + len(value)]  # up to the last task value
+            prefix = tokenizer.decode(rejected[:shared]).lstrip()
+            text = ticket.answer()
             if name == "escalate":
-                assert tokenizer.decode(rejected[:shared]).lstrip().startswith(decided)
+                assert prefix.startswith(text[: text.index(ticket.priority) + len(ticket.priority)])
+                assert chosen[len(chosen) - (len(rejected) - shared) :] == rejected[shared:]
+            elif name == "escalate_last":
+                value = ticket.order_id or "null"
+                assert prefix.startswith(text[: text.rindex(value) + len(value)])
             else:
-                assert ticket.category not in tokenizer.decode(rejected[:shared])
+                assert ticket.category not in prefix
 
 
 def test_the_task_score_reads_the_three_fields_and_the_preference_is_scored_apart():
     ticket = Ticket("My card was charged twice. Urgent!", "billing", "high", None, new_phrasing=False)
     shows, shows_compact = PREFERENCES["escalate"].shows, PREFERENCES["compact"].shows
-    right = '{"category": "billing", "priority": "high", "order_id": null, "escalate": true}'
+    right = '{"category": "billing", "priority": "high", "escalate": true, "order_id": null}'
     assert exact(right, ticket) and shows(right, ticket) and right == escalated(ticket)
     assert exact(right.replace("true", "false"), ticket) and not shows(right.replace("true", "false"), ticket)
     assert exact(ticket.answer(), ticket) and not shows(ticket.answer(), ticket)  # the field missing
