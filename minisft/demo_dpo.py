@@ -59,9 +59,9 @@ from minisft.demo_real import (
     GENERAL_QUESTIONS,
     Phases,
     alice_paragraphs,
-    answer,
     cut,
     general_answers,
+    measure,
     open_chat_model,
     with_threads,
 )
@@ -70,7 +70,7 @@ from minisft.errors import ConfigError
 from minisft.integrity import read_json, write_atomically
 from minisft.packing import pack_examples
 from minisft.preference import Pair, render_pair
-from minisft.tickets import Ticket, is_exact, make_tickets, score
+from minisft.tickets import Ticket, is_exact, make_tickets
 from minisft.train import TrainConfig, cpu_precision, evaluate, train_loop
 
 STAGE_FILE = "stage.json"  # in the SFT folder, written last: the SFT stage's results, its model beside it
@@ -227,12 +227,11 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
 
     def measured(name: str) -> dict:
         """The model's general answers and plain-text loss, and but for the base its held-out task answers and score."""
-        result = {"losses": {"plain_text": evaluate(model, plain_text, pad, 16, precision)}}
-        if name != "base":  # the base never writes the JSON: only its general knowledge is measured
-            prompts = [t.conversation(with_answer=False) for t in heldout]
-            answers = answer(model, chat, prompts, ANSWER_TOKENS, precision)
-            result |= {"answers": answers, "score": score([task_fields(a) for a in answers], heldout)}
-        result["general"] = general_answers(model, chat, questions, precision)
+        losses = {"plain_text": evaluate(model, plain_text, pad, 16, precision)}
+        if name == "base":  # the base never writes the JSON: only its general knowledge is measured
+            result = {"general": general_answers(model, chat, questions, precision), "losses": losses}
+        else:
+            result = measure(model, chat, heldout, questions, losses, precision, ANSWER_TOKENS, task_fields)
         phases.done(f"{name} measured")
         return result
 

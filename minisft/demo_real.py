@@ -182,11 +182,15 @@ def measure(
     questions: tuple,
     losses: dict[str, float],
     precision: str,
+    max_new_tokens: int = 32,
+    scored_as: Callable[[str], str] = str,
 ) -> dict:
-    """Held-out task answers and score, general questions, and the losses already computed."""
-    answers = answer(model, chat, [t.conversation(with_answer=False) for t in heldout], 32, precision)
+    """Held-out task answers (scored as `scored_as` reads them) and score, general questions, and the
+    losses already computed."""
+    answers = answer(model, chat, [t.conversation(with_answer=False) for t in heldout], max_new_tokens, precision)
     general = general_answers(model, chat, questions, precision)
-    return {"answers": answers, "score": score(answers, heldout), "general": general, "losses": losses}
+    scores = score([scored_as(a) for a in answers], heldout)
+    return {"answers": answers, "score": scores, "general": general, "losses": losses}
 
 
 def epoch_losses(metrics_file: Path, steps_per_epoch: int) -> list[dict[str, float]]:
