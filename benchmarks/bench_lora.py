@@ -9,10 +9,10 @@ data and measurements are the real-model demo's (`minisft/demo_real.py`): 400 su
 train on, 200 held out, packed into 2 rows of 512 tokens a step, seeded; bf16 autocast where the
 CPU multiplies bf16 natively, fp32 where it does not (`train.cpu_precision`). Full fine-tuning
 trains every weight at lr 2e-4 (the demo's) for `--epochs` (default 1 epoch, 48 steps; the demo runs
-2). Each `--lora` is a LoRA run: 'r=R' alone is the demo's LoRA (`demo_lora`: all
-seven projections, alpha = 2r, lr 1e-3, the frozen base in fp32, `--epochs`); `alpha=`, `epochs=`,
-`lr=`, `rslora=1`, `targets=q,k,v,o` and `base=bf16` (`lora.base_dtype`) change one setting
-(default: r=8, r=16 and r=64).
+2), and for every other epoch count a LoRA run asks for. Each `--lora` is a LoRA run: 'r=R' alone is
+the demo's LoRA (`demo_lora`: all seven projections, alpha = 2r, lr 1e-3, the frozen base in fp32,
+`--epochs`); `alpha=`, `epochs=`, `lr=`, `rslora=1`, `targets=q,k,v,o` and `base=bf16`
+(`lora.base_dtype`) change one setting (default: r=8, r=16 and r=64).
 
 Each run is a subprocess of its own, one after the other, so no run's memory peak or threads touch
 another's:
@@ -37,9 +37,11 @@ fine-tuning's; `--mmap-threshold 131072` fixes the threshold, so the peak follow
 tokens over the logged intervals after the first (the first pays for warm-up); the held-out score
 (exact JSON, all three fields right, 200 tickets, greedy); the plain-text loss on the demo's 55
 paragraphs of *Alice* — forgetting is its rise over the base model's. Ratios are LoRA over full
-fine-tuning, against the targets of issue 17: memory ≤ 0.5×, tokens/s ≥ 1.0×, forgetting ≤ 0.5× at
-a held-out score within 5 points. tokens/s is per-step speed: runs of different epochs compare as
-they are, and a LoRA run of 2 epochs at 2× full fine-tuning's tokens/s costs what 1 epoch of it does.
+fine-tuning of the same epochs (the same data, seen as often), against the targets of issue 17:
+memory ≤ 0.5×, tokens/s ≥ 1.0×, forgetting ≤ 0.5× at a held-out score within 5 points; each verdict
+also gives the forgetting ratio to every full run (of any epochs) scoring within 5 points, the target
+read at matched score. tokens/s is per-step speed: a LoRA run of 2 epochs at 2× full fine-tuning's
+tokens/s costs what 1 epoch of it does.
 
 A run takes 10 to 30 minutes on an idle thread, a probe one or two. `--keep DIR` writes each run's
 numbers to DIR/runs and reads, not reruns, those found there (keyed by the run's settings, threads
@@ -230,28 +232,32 @@ def memory_verdict(ratios: dict) -> str:
     )
 
 
-def table(base: dict | None, runs: list[tuple[dict, dict]]) -> tuple[list[dict], str]:
-    """Rows (each run beside its activation-checkpointing probe) with ratios to full fine-tuning (the
-    first run), and the verdicts; base None: memory and speed only (--memory-only)."""
-    (full, full_saving), rows, verdicts = runs[0], [], []
-    for r, saving in runs:
+def table(base: dict | None, runs: list[tuple[int, dict, dict]]) -> tuple[list[dict], str]:
+    """Rows (epochs, each run, its activation-checkpointing probe), full fine-tuning's first: each LoRA run's
+    ratios are to full fine-tuning of its epochs (the same data, seen as often), and the verdicts; base None:
+    memory and speed only (--memory-only)."""
+    fulls = {epochs: (r, saving) for epochs, r, saving in runs if r["run"].startswith("full")}
+    rows, verdicts = [], []
+    for epochs, r, saving in runs:
+        full, full_saving = fulls[epochs]
         columns, ratios = memory_columns(r, saving, full, full_saving)
         name = r["run"].removesuffix(" probe")  # --memory-only's rows are probes
         row = {"run": name, "steps": r["steps"]} | columns
         if base is not None:
-            forgetting, full_forgetting = r["plain_text"] - base["plain_text"], full["plain_text"] - base["plain_text"]
-            ratios["forgetting ×"] = forgetting / full_forgetting if full_forgetting > 0 else float("nan")
+            ratios["forgetting ×"] = forgetting_ratio(r, full, base)
             ratios["score Δ pts"] = 100 * (r["score"] - full["score"])
             row |= {"held-out exact": f"{r['score']:.1%}", "plain-text loss": round(r["plain_text"], 3)}
-            row |= {"forgetting": round(forgetting, 3)}
-        if r is full:  # the reference: its ratio columns stay empty (the table's columns are the first row's)
-            rows.append(row | dict.fromkeys(ratios, "—"))
+            row |= {"forgetting": round(r["plain_text"] - base["plain_text"], 3)}
+        if r is full:  # a reference: its ratio columns stay empty (the table's columns are the first row's)
+            rows.append(row | {"compared with": "—"} | dict.fromkeys(ratios, "—"))
             continue
-        rows.append(row | {k: round(v, 2 if "×" in k else 1) for k, v in ratios.items()})
-        line = f"- {name}: " + memory_verdict(ratios)
+        rounded = {k: round(v, 2 if "×" in k else 1) for k, v in ratios.items()}
+        rows.append(row | {"compared with": full["run"]} | rounded)
+        line = f"- {name}, against {full['run']}: " + memory_verdict(ratios)
         if base is not None:
             line += f", forgetting {verdict(ratios['forgetting ×'], TARGETS['forgetting'], True)}, score "
             line += verdict(-ratios["score Δ pts"], TARGETS["score_points"], True)
+            line += matched_score(r, [full for full, _ in fulls.values()], base)
         verdicts.append(line)
     head = (
         ""
@@ -262,6 +268,20 @@ def table(base: dict | None, runs: list[tuple[dict, dict]]) -> tuple[list[dict],
         base is not None
     )
     return rows, head + markdown_table(rows) + f"\n\ntargets (LoRA / full): {targets}\n" + "\n".join(verdicts)
+
+
+def forgetting_ratio(run: dict, full: dict, base: dict) -> float:
+    """The rise of the plain-text loss over the base model's, LoRA's over full fine-tuning's."""
+    full_forgetting = full["plain_text"] - base["plain_text"]
+    return (run["plain_text"] - base["plain_text"]) / full_forgetting if full_forgetting > 0 else float("nan")
+
+
+def matched_score(run: dict, fulls: list[dict], base: dict) -> str:
+    """The forgetting ratio to each full fine-tuning run whose score is within 5 points of this run's
+    (of any epochs): the target read at matched score rather than at matched training."""
+    near = [f for f in fulls if abs(100 * (run["score"] - f["score"])) <= TARGETS["score_points"]]
+    ratios = ", ".join(f"{forgetting_ratio(run, f, base):.2f}× {f['run']}" for f in near)
+    return f"; full runs within 5 points: {ratios or 'none'}"
 
 
 def main() -> None:
@@ -294,7 +314,10 @@ def main() -> None:
         return
 
     load_before = os.getloadavg()
-    specs = [{"epochs": args.epochs}] + [parse_lora(text, args.epochs) for text in args.lora or DEFAULT_LORA]
+    loras = [parse_lora(text, args.epochs) for text in args.lora or DEFAULT_LORA]
+    # Full fine-tuning of --epochs and of every LoRA run's epochs: each LoRA run is compared with the one
+    # that saw the same data as often.
+    specs = [{"epochs": e} for e in sorted({args.epochs, *(lora["epochs"] for lora in loras)})] + loras
     with tempfile.TemporaryDirectory() as temporary:
         args.work = args.keep or temporary
         Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -308,7 +331,7 @@ def main() -> None:
                 spawn({"untrained": True, "epochs": args.epochs}, args, model),
                 [spawn(spec, args, model) for spec in specs],
             )
-    rows, text = table(base, list(zip(runs, saving, strict=True)))
+    rows, text = table(base, [(spec["epochs"], *pair) for spec, *pair in zip(specs, runs, saving, strict=True)])
     facts = cpu_facts() | {"threads": args.threads, "full fine-tuning epochs": args.epochs}
     facts |= {"probe steps": args.probe_steps, "precision": cpu_precision()}
     facts |= {"malloc mmap threshold": args.mmap_threshold or "glibc's dynamic one"}

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import RESULTS, cpu_facts, markdown_table, save_results  # noqa: E402
-from minisft.demo_dpo import STAGE_FILE, DPODemoConfig, lost_and_won, run_dpo_demo  # noqa: E402
+from minisft.demo_dpo import SFT_SETTINGS, STAGE_FILE, DPODemoConfig, lost_and_won, run_dpo_demo  # noqa: E402
 from minisft.integrity import read_json  # noqa: E402
 from minisft.tickets import make_tickets  # noqa: E402
 
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"no SFT stage in {runs / 'sft'}: run `python -m minisft demo --model smollm2 --dpo` first")
     # The stage's own SFT settings (its model, tickets, precision, ...): the variants' DPO starts from
     # that very SFT model, and the demo's defaults for everything DPO, but for the variant's change.
-    settings = read_json(runs / "sft" / STAGE_FILE)["settings"]
+    stage = read_json(runs / "sft" / STAGE_FILE)["settings"]
+    settings = {key: stage[key] for key in SFT_SETTINGS if key in stage}  # a stage of another kind is refused below
     for name in args.run:
         out = run_dir(runs, name)
         if (out / "results.json").is_file():

@@ -52,14 +52,13 @@ from pathlib import Path
 
 import torch
 
-from minisft.chat import ChatFormat, render_text
+from minisft.chat import ChatFormat
 from minisft.checkpoint import save_model
 from minisft.demo import write_jsonl
 from minisft.demo_real import (
     GENERAL_QUESTIONS,
     Phases,
-    alice_paragraphs,
-    cut,
+    alice_examples,
     general_answers,
     measure,
     open_chat_model,
@@ -74,7 +73,9 @@ from minisft.tickets import Ticket, is_exact, make_tickets
 from minisft.train import TrainConfig, cpu_precision, evaluate, train_loop
 
 STAGE_FILE = "stage.json"  # in the SFT folder, written last: the SFT stage's results, its model beside it
-# The settings the SFT stage depends on: a saved stage is reused only when they all match.
+# The settings the SFT stage depends on: a saved stage is reused only when they all match (and when its
+# plain-text loss was measured as now: without the end-of-text target, `chat.forgetting_text`).
+PLAIN_TEXT_LOSS = "no end-of-text target"
 SFT_SETTINGS = (
     "model", "seed", "train_tickets", "heldout_tickets", "preference_tickets", "sft_epochs", "sft_lr", "pack_to",
     "rows_per_step", "general_questions", "max_plain_text_tokens", "precision",
@@ -175,13 +176,17 @@ def share(hits: torch.Tensor) -> float:
     return float(hits.float().mean())
 
 
+def stage_settings(cfg: DPODemoConfig) -> dict:
+    return {key: getattr(cfg, key) for key in SFT_SETTINGS} | {"plain_text_loss": PLAIN_TEXT_LOSS}
+
+
 def saved_sft_stage(folder: Path, cfg: DPODemoConfig) -> dict | None:
     """The SFT stage an earlier run left in `folder`, or None when there is none; one made with other
     settings is refused (never replaced: the folder may hold a model someone wants)."""
     if not (folder / STAGE_FILE).is_file():
         return None
     stage = read_json(folder / STAGE_FILE)
-    now = {key: getattr(cfg, key) for key in SFT_SETTINGS}
+    now = stage_settings(cfg)
     changed = [f"{key} {stage['settings'].get(key)!r}, now {value!r}" for key, value in now.items()
                if stage["settings"].get(key) != value]  # fmt: skip
     if changed:
@@ -215,7 +220,7 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
     write_jsonl(out / "data" / "train_sft.jsonl", [t.conversation() for t in train])
     # The pairs as `python -m minisft dpo` reads them (preference.py's prompt/chosen/rejected layout).
     (out / "data" / "train_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    plain_text = [cut(render_text(tokenizer, p), cfg.max_plain_text_tokens) for p in alice_paragraphs()]
+    plain_text = alice_examples(tokenizer, cfg.max_plain_text_tokens)
     questions = GENERAL_QUESTIONS[: cfg.general_questions]
     pad = tokenizer.pad_id
     print(
@@ -254,7 +259,7 @@ def _run(cfg: DPODemoConfig, threads: int) -> dict:
         phases.done("SFT")
         sft = measured("SFT")
         save_model(sft_dir / "model", model, tokenizer, chat.name)
-        stage = {"settings": {key: getattr(cfg, key) for key in SFT_SETTINGS}, "base": base, "sft": sft,
+        stage = {"settings": stage_settings(cfg), "base": base, "sft": sft,
                  "phases": phases.rows}  # fmt: skip
         write_atomically(sft_dir / STAGE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(stage)))
         print(f"saved the SFT stage in {sft_dir} (its model and results): a rerun starts from it")

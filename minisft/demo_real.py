@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from minisft.chat import ChatFormat, Example, make_chat_format, render_text
+from minisft.chat import ChatFormat, Example, forgetting_text, make_chat_format
 from minisft.demo import write_jsonl
 from minisft.errors import ConfigError
 from minisft.generate import generate_greedy
@@ -278,9 +278,7 @@ def demo_data(cfg: RealDemoConfig, chat: ChatFormat) -> tuple[list[Ticket], list
     eval_sets = {
         "heldout": by_length(chat.render_many([t.conversation() for t in heldout[: cfg.loss_tickets]])),
         "train": by_length(train_set[: cfg.loss_tickets]),
-        "plain_text": by_length(
-            [cut(render_text(chat.tokenizer, p), cfg.max_plain_text_tokens) for p in alice_paragraphs()]
-        ),
+        "plain_text": by_length(alice_examples(chat.tokenizer, cfg.max_plain_text_tokens)),
     }
     return train, heldout, train_set, eval_sets
 
@@ -307,8 +305,10 @@ def demo_train_config(cfg: RealDemoConfig, steps_per_epoch: int, threads: int) -
     )
 
 
-def cut(example: Example, max_len: int) -> Example:
-    return Example(example.input_ids[:max_len], example.labels[:max_len])
+def alice_examples(tokenizer: Tokenizer, max_len: int) -> list[Example]:
+    """The paragraphs of Alice as the plain-text loss reads them (`forgetting_text`), each cut to max_len."""
+    examples = [forgetting_text(tokenizer, p) for p in alice_paragraphs()]
+    return [Example(e.input_ids[:max_len], e.labels[:max_len]) for e in examples]
 
 
 def print_results(base: dict, tuned: dict, epochs: list[dict], questions: tuple, heldout: list[Ticket]) -> None:

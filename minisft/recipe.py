@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from minisft import distributed, dpo, preference
-from minisft.chat import ChatFormat, Example, make_chat_format, render_text
+from minisft.chat import ChatFormat, Example, forgetting_text, make_chat_format
 from minisft.checkpoint import save_model, write_model_meta
 from minisft.config import DataConfig, RunConfig, load_config, to_toml
 from minisft.data import DataError
@@ -79,12 +79,13 @@ def load_pairs(path: str, chat: ChatFormat, data: DataConfig, max_seq_len: int) 
 
 
 def load_plain_text(path: str, tokenizer: Tokenizer, max_len: int) -> list[Example]:
-    """One document per non-empty line, every token trained (data.plain_text_eval: the forgetting
-    curve); a longer document is cut to max_len tokens."""
+    """One document per non-empty line, every token a target but no end-of-text one
+    (data.plain_text_eval: the forgetting curve; `forgetting_text` says why); a longer document is
+    cut to max_len tokens."""
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     if not lines:
         raise DataError(f"{path}: no text (data.plain_text_eval wants one document per line)")
-    examples = [render_text(tokenizer, line) for line in lines]
+    examples = [forgetting_text(tokenizer, line) for line in lines]
     cut = sum(len(e.input_ids) > max_len for e in examples)
     print(f"{path}: {len(examples)} plain-text documents" + (f", {cut} cut to {max_len} tokens" if cut else ""))
     return [Example(e.input_ids[:max_len], e.labels[:max_len]) for e in examples]

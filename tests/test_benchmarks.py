@@ -131,12 +131,33 @@ def test_lora_benchmark_quick_mode_runs_every_side(tmp_path):
     command += ["--keep", str(tmp_path), "--probe-steps", "2", "--mmap-threshold", "131072"]
     memory = subprocess.run([*command, "--memory-only"], capture_output=True, text=True, timeout=600)
     assert memory.returncode == 0, memory.stderr[-2000:]
-    for run in ("full", "lora-16 (2 ep, rsLoRA, bf16 base)"):
+    for run in ("full", "full (2 ep)", "lora-16 (2 ep, rsLoRA, bf16 base)"):  # full of the LoRA run's epochs too
         assert f"| {run} |" in memory.stdout
         assert f"running {run} probe ..." in memory.stdout and f"running {run} probe, checkpointing" in memory.stdout
     assert "checkpointing: memory ×" in memory.stdout and "held-out exact" not in memory.stdout
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("kept from") == 2 and result.stdout.count("running") == 3  # base, full, LoRA
+    assert result.stdout.count("kept from") == 3 and result.stdout.count("running") == 4  # base, 2 full, LoRA
     assert "| lora-16 (2 ep, rsLoRA, bf16 base) |" in result.stdout and "held-out exact" in result.stdout
+    assert "- lora-16 (2 ep, rsLoRA, bf16 base), against full (2 ep): memory" in result.stdout
     assert "targets (LoRA / full)" in result.stdout and "forgetting ≤ 0.5×" in result.stdout
+
+
+def test_lora_benchmark_compares_each_run_with_full_fine_tuning_of_its_epochs():
+    """A LoRA run's ratios are to full fine-tuning of the same epochs; the verdict also reads the target at
+    matched score: the forgetting ratio to every full run within 5 points, of any epochs. By hand: the
+    base's plain-text loss 3.0; full 1 ep forgets 0.2 at 82%, full 2 ep 0.4 at 90%; LoRA 2 ep forgets
+    0.18 at 86% -> 0.45x full (2 ep), -4 points; within 5 points: full (1 ep) 0.90x, full (2 ep) 0.45x."""
+    from benchmarks.bench_lora import table
+
+    speed = {"trained_params": 1e6, "peak_gb": 2.0, "growth_gb": 1.0, "tokens_per_s": 100.0}
+    run = lambda name, steps, score, loss: speed | {"run": name, "steps": steps, "score": score, "plain_text": loss}
+    full1, full2 = run("full", 48, 0.82, 3.2), run("full (2 ep)", 96, 0.90, 3.4)
+    lora = run("lora-16 (2 ep)", 96, 0.86, 3.18) | {"peak_gb": 1.0, "tokens_per_s": 150.0}
+    base = {"score": 0.0, "plain_text": 3.0}
+    rows, text = table(base, [(1, full1, speed), (2, full2, speed), (2, lora, speed | {"peak_gb": 0.9})])
+    assert [r["compared with"] for r in rows] == ["—", "—", "full (2 ep)"]
+    assert rows[2]["forgetting ×"] == 0.45 and rows[2]["score Δ pts"] == -4.0
+    assert rows[2]["memory ×"] == 0.5 and rows[2]["checkpointing: memory ×"] == 0.45 and rows[2]["tokens/s ×"] == 1.5
+    assert "- lora-16 (2 ep), against full (2 ep): memory met" in text and "forgetting met, score met" in text
+    assert "full runs within 5 points: 0.90× full, 0.45× full (2 ep)" in text

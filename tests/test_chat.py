@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from minisft.chat import ChatML, render_text
+from minisft.chat import ChatML, forgetting_text, render_text
 from minisft.tokenizer import DEMO_SPECIAL_TOKENS, Tokenizer
 
 CONVERSATION = [
@@ -140,6 +140,30 @@ def test_render_text_trains_every_token_and_ends_with_eos(demo_tok):
     assert example.labels == ids[1:] + [demo_tok.eos_id]
     assert example.labels[-1] == demo_tok.eos_id == 1
     assert -100 not in example.labels and example.num_trained_tokens == len(ids)
+
+
+def test_forgetting_text_has_every_token_but_the_first_as_a_target_and_no_end_of_text(demo_tok):
+    text = "The capital of France is Paris."
+    ids = demo_tok.encode(text)
+    example = forgetting_text(demo_tok, text)
+    assert example.input_ids == ids[:-1] and example.labels == ids[1:]
+    assert demo_tok.eos_id not in example.labels and example.num_trained_tokens == len(ids) - 1
+
+
+def test_plain_text_eval_documents_are_read_without_an_end_of_text_target(demo_tok, tmp_path, capsys):
+    """data.plain_text_eval (the forgetting curve in train): one document a line, blank lines skipped,
+    every token after the first a target and no eos, cut to max_len and counted."""
+    from minisft.recipe import load_plain_text
+
+    lines = ["The capital of France is Paris.", "", "A week is 7 days."]
+    (tmp_path / "text.txt").write_text("\n".join(lines) + "\n")
+    examples = load_plain_text(str(tmp_path / "text.txt"), demo_tok, 5)
+    for example, line in zip(examples, [lines[0], lines[2]], strict=True):
+        ids = demo_tok.encode(line)
+        assert example.input_ids == ids[:-1][:5] and example.labels == ids[1:][:5]
+        assert demo_tok.eos_id not in example.labels
+    cut = sum(len(demo_tok.encode(line)) - 1 > 5 for line in lines if line)
+    assert f"2 plain-text documents, {cut} cut to 5 tokens" in capsys.readouterr().out
 
 
 def test_no_special_token_is_added_by_encode_even_with_a_bos_post_processor():

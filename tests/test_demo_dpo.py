@@ -172,3 +172,11 @@ def test_demo_runs_sft_then_dpo_then_dpo_alone_from_the_saved_sft_stage(tiny_mod
     # other SFT settings: refused before anything is loaded or written (other DPO settings are what a rerun is for)
     with pytest.raises(ConfigError, match=r"holds an SFT stage made with other settings \(sft_lr 0.003, now 0.001\)"):
         run_dpo_demo(replace(cfg, sft_lr=1e-3))
+    # a stage whose plain-text loss counted the end-of-text target (made before that changed): refused too,
+    # saying what changed -- its base and SFT losses would not compare with DPO's
+    stage_file = tmp_path / "sft" / "stage.json"
+    stage = json.loads(stage_file.read_text())
+    del stage["settings"]["plain_text_loss"]
+    stage_file.write_text(json.dumps(stage))
+    with pytest.raises(ConfigError, match=r"other settings \(plain_text_loss None, now 'no end-of-text target'\)"):
+        run_dpo_demo(cfg)

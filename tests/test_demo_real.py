@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minisft.checkpoint import save_model
-from minisft.demo_real import GENERAL_QUESTIONS, RealDemoConfig, alice_paragraphs, run_real_demo
+from minisft.demo_real import GENERAL_QUESTIONS, RealDemoConfig, alice_examples, alice_paragraphs, run_real_demo
 from minisft.gguf import packaged_smollm2
 from minisft.model import ModelConfig, Transformer
 from minisft.tickets import make_tickets
@@ -63,6 +63,21 @@ def test_demo_pieces_on_a_tiny_model_are_measured_and_seeded(tiny_model, tmp_pat
 
     again = run_real_demo(tiny_demo(tiny_model, tmp_path / "b"))
     assert again["epochs"] == epochs and again["tuned"]["answers"] == result["tuned"]["answers"]  # seeded
+
+
+def test_the_plain_text_loss_reads_alices_own_tokens_without_an_end_of_text_target(tiny_model):
+    """Each paragraph's tokens after the first are its targets, cut to max_len; the eos token (which SFT
+    trains: a chat model's end of turn) is never one, so its falling loss cannot hide forgetting."""
+    from minisft.pretrained import SavedModel
+
+    _, tokenizer = SavedModel(str(tiny_model)).load()
+    examples = alice_examples(tokenizer, 64)
+    paragraphs = alice_paragraphs()
+    assert len(examples) == len(paragraphs) == 55
+    for example, paragraph in zip(examples, paragraphs, strict=True):
+        ids = tokenizer.encode(paragraph)
+        assert example.input_ids == ids[:-1][:64] and example.labels == ids[1:][:64]
+        assert tokenizer.eos_id not in example.labels
 
 
 def test_demo_needs_a_model_with_a_chat_format(tmp_path, capsys):
