@@ -180,7 +180,7 @@ def spawn(spec: dict, args: argparse.Namespace, model: str, probe: int = 0, chec
     kept = Path(args.work) / "runs" / f"{key}.json"
     if kept.is_file():
         print(f"  {name}: kept from {kept}", flush=True)
-        return json.loads(kept.read_text())
+        return json.loads(kept.read_text()) | {"run": name}  # named as this bench names it (--epochs)
     command = [sys.executable, __file__, "--child", child, "--work", args.work, "--model", model]
     command += ["--threads", str(args.threads)] + ["--quick"] * args.quick
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

@@ -140,6 +140,12 @@ def test_lora_benchmark_quick_mode_runs_every_side(tmp_path):
     assert result.stdout.count("kept from") == 3 and result.stdout.count("running") == 4  # base, 2 full, LoRA
     assert "| lora-16 (2 ep, rsLoRA, bf16 base) |" in result.stdout and "held-out exact" in result.stdout
     assert "- lora-16 (2 ep, rsLoRA, bf16 base), against full (2 ep): memory" in result.stdout
+    # the same runs from a bench of 2 epochs: read back, named as that bench names them (its full is "full")
+    again = [*command[:4], "r=16 rslora=1 base=bf16", *command[5:], "--epochs", "2"]
+    result = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("running") == 1  # the base alone: its key holds the bench's epochs
+    assert "- lora-16 (rsLoRA, bf16 base), against full: memory" in result.stdout and "full (2 ep)" not in result.stdout
     assert "targets (LoRA / full)" in result.stdout and "forgetting ≤ 0.5×" in result.stdout
 
 
