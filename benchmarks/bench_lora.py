@@ -45,8 +45,9 @@ tokens/s costs what 1 epoch of it does.
 
 A run takes 10 to 30 minutes on an idle thread, a probe one or two. `--keep DIR` writes each run's
 numbers to DIR/runs and reads, not reruns, those found there (keyed by the run's settings, threads
-and --quick): a bench can be stopped and continued, or grown by one `--lora` at a time. Delete DIR
-after changing the code.
+and --quick; the base's not by --epochs): a bench can be stopped and continued, or grown by one
+`--lora` at a time. Numbers kept from before the plain-text loss lost its end-of-text target
+(`demo_real.PLAIN_TEXT_LOSS`) are run again; delete DIR after any other change to the code.
 
 Results go to benchmarks/results/lora.{md,json} (lora_memory with --memory-only), with versions,
 date, CPU and load averages (the CPU may be shared: compare the rows of one run, not runs).
@@ -72,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from benchmarks.bench_cpu_sft import make_model_dir, peak_rss_gb, reset_peak_rss  # noqa: E402
 from benchmarks.common import cpu_facts, markdown_table, save_results  # noqa: E402
+from minisft.demo_real import PLAIN_TEXT_LOSS  # noqa: E402
 from minisft.train import cpu_precision  # noqa: E402
 
 TARGETS = {"memory": 0.5, "tokens_per_s": 1.0, "forgetting": 0.5, "score_points": 5.0}
@@ -112,7 +114,7 @@ def run_name(spec: dict, epochs: int) -> str:
 def demo_config(args: argparse.Namespace, model: str, spec: dict):
     from minisft.demo_real import RealDemoConfig
 
-    cfg = RealDemoConfig(model=model, epochs=spec["epochs"], threads=args.threads, general_questions=0)
+    cfg = RealDemoConfig(model=model, epochs=spec.get("epochs", 1), threads=args.threads, general_questions=0)
     if spec.get("r"):
         cfg = replace(cfg, lora_r=spec["r"], lora_lr=spec["lr"])
     if args.quick:  # seconds: a handful of tickets, short rows
@@ -178,9 +180,11 @@ def spawn(spec: dict, args: argparse.Namespace, model: str, probe: int = 0, chec
     settings += f" {args.mmap_threshold}" * bool(args.mmap_threshold)  # keys made before the option stay valid
     key = hashlib.sha256(settings.encode()).hexdigest()[:16]
     kept = Path(args.work) / "runs" / f"{key}.json"
-    if kept.is_file():
+    if kept.is_file() and json.loads(kept.read_text()).get("plain_text_loss") == PLAIN_TEXT_LOSS:
         print(f"  {name}: kept from {kept}", flush=True)
         return json.loads(kept.read_text()) | {"run": name}  # named as this bench names it (--epochs)
+    if kept.is_file():  # measured before the plain-text loss lost its end-of-text target: not comparable
+        print(f"  {name}: {kept} holds a plain-text loss measured the old way: run again", flush=True)
     command = [sys.executable, __file__, "--child", child, "--work", args.work, "--model", model]
     command += ["--threads", str(args.threads)] + ["--quick"] * args.quick
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -191,7 +195,7 @@ def spawn(spec: dict, args: argparse.Namespace, model: str, probe: int = 0, chec
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1]) | {"run": name}
+    result = json.loads(done.stdout.strip().splitlines()[-1]) | {"run": name, "plain_text_loss": PLAIN_TEXT_LOSS}
     print(f"  {name}: {result} ({time.perf_counter() - start:.0f} s)", flush=True)
     kept.parent.mkdir(exist_ok=True)
     kept.write_text(json.dumps(result) + "\n")
@@ -241,19 +245,19 @@ def table(base: dict | None, runs: list[tuple[int, dict, dict]]) -> tuple[list[d
     for epochs, r, saving in runs:
         full, full_saving = fulls[epochs]
         columns, ratios = memory_columns(r, saving, full, full_saving)
-        name = r["run"].removesuffix(" probe")  # --memory-only's rows are probes
+        name, full_name = (x["run"].removesuffix(" probe") for x in (r, full))  # --memory-only's rows are probes
         row = {"run": name, "steps": r["steps"]} | columns
         if base is not None:
             ratios["forgetting ×"] = forgetting_ratio(r, full, base)
-            ratios["score Δ pts"] = 100 * (r["score"] - full["score"])
+            ratios["score Δ pts"] = score_points(r, full)
             row |= {"held-out exact": f"{r['score']:.1%}", "plain-text loss": round(r["plain_text"], 3)}
             row |= {"forgetting": round(r["plain_text"] - base["plain_text"], 3)}
         if r is full:  # a reference: its ratio columns stay empty (the table's columns are the first row's)
             rows.append(row | {"compared with": "—"} | dict.fromkeys(ratios, "—"))
             continue
         rounded = {k: round(v, 2 if "×" in k else 1) for k, v in ratios.items()}
-        rows.append(row | {"compared with": full["run"]} | rounded)
-        line = f"- {name}, against {full['run']}: " + memory_verdict(ratios)
+        rows.append(row | {"compared with": full_name} | rounded)
+        line = f"- {name}, against {full_name}: " + memory_verdict(ratios)
         if base is not None:
             line += f", forgetting {verdict(ratios['forgetting ×'], TARGETS['forgetting'], True)}, score "
             line += verdict(-ratios["score Δ pts"], TARGETS["score_points"], True)
@@ -270,6 +274,12 @@ def table(base: dict | None, runs: list[tuple[int, dict, dict]]) -> tuple[list[d
     return rows, head + markdown_table(rows) + f"\n\ntargets (LoRA / full): {targets}\n" + "\n".join(verdicts)
 
 
+def score_points(run: dict, full: dict) -> float:
+    """The held-out score's difference in points, rounded off float noise (0.14 - 0.09 is 5 points,
+    not 5.000000000000001: a run 10 tickets of 200 away is within 5 points)."""
+    return round(100 * (run["score"] - full["score"]), 6)
+
+
 def forgetting_ratio(run: dict, full: dict, base: dict) -> float:
     """The rise of the plain-text loss over the base model's, LoRA's over full fine-tuning's."""
     full_forgetting = full["plain_text"] - base["plain_text"]
@@ -279,7 +289,7 @@ def forgetting_ratio(run: dict, full: dict, base: dict) -> float:
 def matched_score(run: dict, fulls: list[dict], base: dict) -> str:
     """The forgetting ratio to each full fine-tuning run whose score is within 5 points of this run's
     (of any epochs): the target read at matched score rather than at matched training."""
-    near = [f for f in fulls if abs(100 * (run["score"] - f["score"])) <= TARGETS["score_points"]]
+    near = [f for f in fulls if abs(score_points(run, f)) <= TARGETS["score_points"]]
     ratios = ", ".join(f"{forgetting_ratio(run, f, base):.2f}× {f['run']}" for f in near)
     return f"; full runs within 5 points: {ratios or 'none'}"
 
@@ -328,7 +338,7 @@ def main() -> None:
             base, runs = None, [spawn(spec, args, model, args.probe_steps) for spec in specs]
         else:
             base, runs = (
-                spawn({"untrained": True, "epochs": args.epochs}, args, model),
+                spawn({"untrained": True}, args, model),
                 [spawn(spec, args, model) for spec in specs],
             )
     rows, text = table(base, [(spec["epochs"], *pair) for spec, *pair in zip(specs, runs, saving, strict=True)])

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from benchmarks.common import RESULTS, cpu_facts, markdown_table, save_results  # noqa: E402
 from minisft.demo_dpo import SFT_SETTINGS, STAGE_FILE, DPODemoConfig, lost_and_won, run_dpo_demo  # noqa: E402
+from minisft.errors import ConfigError  # noqa: E402
 from minisft.integrity import read_json  # noqa: E402
 from minisft.tickets import make_tickets  # noqa: E402
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     # The stage's own SFT settings (its model, tickets, precision, ...): the variants' DPO starts from
     # that very SFT model, and the demo's defaults for everything DPO, but for the variant's change.
     stage = read_json(runs / "sft" / STAGE_FILE)["settings"]
-    settings = {key: stage[key] for key in SFT_SETTINGS if key in stage}  # a stage of another kind is refused below
+    # A key the stage lacks takes the demo's default, and run_dpo_demo refuses the stage, naming it.
+    settings = {key: stage[key] for key in SFT_SETTINGS if key in stage}
     for name in args.run:
         out = run_dir(runs, name)
         if (out / "results.json").is_file():
@@ -94,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"\n=== {name}: {VARIANTS[name] or 'the demo settings'}", flush=True)
         cfg = DPODemoConfig(**settings, out_dir=str(out), sft_dir=str(runs / "sft"), threads=args.threads)
-        run_dpo_demo(replace(cfg, **VARIANTS[name]))
+        try:
+            run_dpo_demo(replace(cfg, **VARIANTS[name]))
+        except ConfigError as error:  # one line, as the demo's own command says it
+            sys.exit(f"dpo_variants: {error}")
     done = [name for name in VARIANTS if (run_dir(runs, name) / "results.json").is_file()]
     rows = [row(name, json.loads((run_dir(runs, name) / "results.json").read_text())) for name in done]
     table = markdown_table(rows)

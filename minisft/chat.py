@@ -83,6 +83,10 @@ class Example:
     def num_trained_tokens(self) -> int:
         return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
+    def cut(self, max_len: int) -> Example:
+        """The first max_len positions (inputs and their targets)."""
+        return Example(self.input_ids[:max_len], self.labels[:max_len])
+
 
 def shift(ids: list[int], trained: list[bool]) -> Example:
     """Turn a token sequence and a per-token 'is trained' mask into (input_ids, labels)."""

@@ -61,7 +61,7 @@ def fit(example: Example, max_seq_len: int, too_long: str) -> tuple[Example | No
         return example, ""
     if too_long == "drop":
         return None, "dropped"
-    cut = Example(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
+    cut = example.cut(max_seq_len)
     return (cut, "truncated") if cut.num_trained_tokens else (None, "answer cut off")
 
 

@@ -57,6 +57,7 @@ from minisft.checkpoint import save_model
 from minisft.demo import write_jsonl
 from minisft.demo_real import (
     GENERAL_QUESTIONS,
+    PLAIN_TEXT_LOSS,
     Phases,
     alice_examples,
     general_answers,
@@ -74,8 +75,7 @@ from minisft.train import TrainConfig, cpu_precision, evaluate, train_loop
 
 STAGE_FILE = "stage.json"  # in the SFT folder, written last: the SFT stage's results, its model beside it
 # The settings the SFT stage depends on: a saved stage is reused only when they all match (and when its
-# plain-text loss was measured as now: without the end-of-text target, `chat.forgetting_text`).
-PLAIN_TEXT_LOSS = "no end-of-text target"
+# plain-text loss was measured as now: PLAIN_TEXT_LOSS).
 SFT_SETTINGS = (
     "model", "seed", "train_tickets", "heldout_tickets", "preference_tickets", "sft_epochs", "sft_lr", "pack_to",
     "rows_per_step", "general_questions", "max_plain_text_tokens", "precision",

@@ -305,10 +305,12 @@ def demo_train_config(cfg: RealDemoConfig, steps_per_epoch: int, threads: int) -
     )
 
 
+PLAIN_TEXT_LOSS = "no end-of-text target"  # how alice_examples reads the text: saved results say which
+
+
 def alice_examples(tokenizer: Tokenizer, max_len: int) -> list[Example]:
     """The paragraphs of Alice as the plain-text loss reads them (`forgetting_text`), each cut to max_len."""
-    examples = [forgetting_text(tokenizer, p) for p in alice_paragraphs()]
-    return [Example(e.input_ids[:max_len], e.labels[:max_len]) for e in examples]
+    return [forgetting_text(tokenizer, p).cut(max_len) for p in alice_paragraphs()]
 
 
 def print_results(base: dict, tuned: dict, epochs: list[dict], questions: tuple, heldout: list[Ticket]) -> None:

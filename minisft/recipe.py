@@ -81,14 +81,20 @@ def load_pairs(path: str, chat: ChatFormat, data: DataConfig, max_seq_len: int) 
 def load_plain_text(path: str, tokenizer: Tokenizer, max_len: int) -> list[Example]:
     """One document per non-empty line, every token a target but no end-of-text one
     (data.plain_text_eval: the forgetting curve; `forgetting_text` says why); a longer document is
-    cut to max_len tokens."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    cut to max_len tokens, a one-token line (nothing to predict) skipped and named."""
+    lines = [(n, line) for n, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
     if not lines:
         raise DataError(f"{path}: no text (data.plain_text_eval wants one document per line)")
-    examples = [forgetting_text(tokenizer, line) for line in lines]
+    numbered = [(n, forgetting_text(tokenizer, line)) for n, line in lines]
+    single = [n for n, e in numbered if not e.labels]
+    examples = [e for _, e in numbered if e.labels]
+    if not examples:
+        raise DataError(f"{path}: every line is a single token: a document needs two to predict one")
     cut = sum(len(e.input_ids) > max_len for e in examples)
-    print(f"{path}: {len(examples)} plain-text documents" + (f", {cut} cut to {max_len} tokens" if cut else ""))
-    return [Example(e.input_ids[:max_len], e.labels[:max_len]) for e in examples]
+    notes = [f"{cut} cut to {max_len} tokens"] * bool(cut)
+    notes += [f"{len(single)} of one token skipped (line {', '.join(map(str, single[:5]))})"] * bool(single)
+    print(f"{path}: {len(examples)} plain-text documents" + "".join(f", {note}" for note in notes))
+    return [e.cut(max_len) for e in examples]
 
 
 def new_model(config: RunConfig, backends: Backends) -> tuple[Transformer, Tokenizer, ChatFormat, RunConfig]:

@@ -120,8 +120,9 @@ def test_cpu_sft_benchmark_quick_mode_runs(tmp_path):
 @pytest.mark.slow
 def test_lora_benchmark_quick_mode_runs_every_side(tmp_path):
     """bench_lora.py --quick, each run and probe a child of its own: --memory-only probes full fine-tuning
-    and a LoRA run of its own settings with and without activation checkpointing; the full bench on the
-    same --keep then reads those probes back and runs only the base and the two long runs."""
+    and a LoRA run of its own settings, and full fine-tuning of the LoRA run's 2 epochs, with and without
+    activation checkpointing; the full bench on the same --keep then reads those probes back and runs only
+    the base and the three long runs."""
     from minisft.gguf import packaged_smollm2
 
     if packaged_smollm2() is None:
@@ -144,8 +145,17 @@ def test_lora_benchmark_quick_mode_runs_every_side(tmp_path):
     again = [*command[:4], "r=16 rslora=1 base=bf16", *command[5:], "--epochs", "2"]
     result = subprocess.run(again, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("running") == 1  # the base alone: its key holds the bench's epochs
+    assert "running" not in result.stdout  # every run kept, the base's too (its key has no epochs)
     assert "- lora-16 (rsLoRA, bf16 base), against full: memory" in result.stdout and "full (2 ep)" not in result.stdout
+    # numbers kept from before the plain-text loss lost its end-of-text target: that run again, the rest kept
+    for kept in (tmp_path / "runs").glob("*.json"):
+        numbers = json.loads(kept.read_text())
+        if numbers["run"] == "base":
+            kept.write_text(json.dumps({k: v for k, v in numbers.items() if k != "plain_text_loss"}))
+    result = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "holds a plain-text loss measured the old way: run again" in result.stdout
+    assert result.stdout.count("running") == 1 and "running base ..." in result.stdout
     assert "targets (LoRA / full)" in result.stdout and "forgetting ≤ 0.5×" in result.stdout
 
 
@@ -154,7 +164,7 @@ def test_lora_benchmark_compares_each_run_with_full_fine_tuning_of_its_epochs():
     matched score: the forgetting ratio to every full run within 5 points, of any epochs. By hand: the
     base's plain-text loss 3.0; full 1 ep forgets 0.2 at 82%, full 2 ep 0.4 at 90%; LoRA 2 ep forgets
     0.18 at 86% -> 0.45x full (2 ep), -4 points; within 5 points: full (1 ep) 0.90x, full (2 ep) 0.45x."""
-    from benchmarks.bench_lora import table
+    from benchmarks.bench_lora import score_points, table
 
     speed = {"trained_params": 1e6, "peak_gb": 2.0, "growth_gb": 1.0, "tokens_per_s": 100.0}
     run = lambda name, steps, score, loss: speed | {"run": name, "steps": steps, "score": score, "plain_text": loss}
@@ -167,3 +177,8 @@ def test_lora_benchmark_compares_each_run_with_full_fine_tuning_of_its_epochs():
     assert rows[2]["memory ×"] == 0.5 and rows[2]["checkpointing: memory ×"] == 0.45 and rows[2]["tokens/s ×"] == 1.5
     assert "- lora-16 (2 ep), against full (2 ep): memory met" in text and "forgetting met, score met" in text
     assert "full runs within 5 points: 0.90× full, 0.45× full (2 ep)" in text
+    assert score_points({"score": 0.14}, {"score": 0.09}) == 5.0  # 10 tickets of 200: within 5 points
+    # --memory-only: probes on both sides, named and compared without " probe"
+    rows, text = table(None, [(1, full1 | {"run": "full probe"}, speed), (1, lora | {"run": "lora-16 probe"}, speed)])
+    assert [(r["run"], r["compared with"]) for r in rows] == [("full", "—"), ("lora-16", "full")]
+    assert "- lora-16, against full: memory" in text and "held-out exact" not in text

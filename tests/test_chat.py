@@ -152,18 +152,24 @@ def test_forgetting_text_has_every_token_but_the_first_as_a_target_and_no_end_of
 
 def test_plain_text_eval_documents_are_read_without_an_end_of_text_target(demo_tok, tmp_path, capsys):
     """data.plain_text_eval (the forgetting curve in train): one document a line, blank lines skipped,
-    every token after the first a target and no eos, cut to max_len and counted."""
+    every token after the first a target and no eos; cut to max_len and counted; a one-token line (nothing
+    to predict) skipped and named. By hand: the lines are 11, 16 and 1 tokens; max_len 12 cuts the second."""
+    from minisft.data import DataError
     from minisft.recipe import load_plain_text
 
-    lines = ["The capital of France is Paris.", "", "A week is 7 days."]
+    lines = ["The capital of France is Paris.", "", "A week is 7 days.", "a"]
     (tmp_path / "text.txt").write_text("\n".join(lines) + "\n")
-    examples = load_plain_text(str(tmp_path / "text.txt"), demo_tok, 5)
-    for example, line in zip(examples, [lines[0], lines[2]], strict=True):
-        ids = demo_tok.encode(line)
-        assert example.input_ids == ids[:-1][:5] and example.labels == ids[1:][:5]
-        assert demo_tok.eos_id not in example.labels
-    cut = sum(len(demo_tok.encode(line)) - 1 > 5 for line in lines if line)
-    assert f"2 plain-text documents, {cut} cut to 5 tokens" in capsys.readouterr().out
+    first, second = load_plain_text(str(tmp_path / "text.txt"), demo_tok, 12)
+    ids = demo_tok.encode(lines[0])
+    assert first.input_ids == ids[:-1] and first.labels == ids[1:]  # whole: 10 targets, the last a text token
+    ids = demo_tok.encode(lines[2])
+    assert second.input_ids == ids[:12] and second.labels == ids[1:13]
+    assert "text.txt: 2 plain-text documents, 1 cut to 12 tokens, 1 of one token skipped (line 4)" in (
+        capsys.readouterr().out
+    )
+    (tmp_path / "single.txt").write_text("a\nthe\n")
+    with pytest.raises(DataError, match="single.txt: every line is a single token"):
+        load_plain_text(str(tmp_path / "single.txt"), demo_tok, 12)
 
 
 def test_no_special_token_is_added_by_encode_even_with_a_bos_post_processor():

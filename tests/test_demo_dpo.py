@@ -180,3 +180,6 @@ def test_demo_runs_sft_then_dpo_then_dpo_alone_from_the_saved_sft_stage(tiny_mod
     stage_file.write_text(json.dumps(stage))
     with pytest.raises(ConfigError, match=r"other settings \(plain_text_loss None, now 'no end-of-text target'\)"):
         run_dpo_demo(cfg)
+    late = ["--runs", str(tmp_path), "--run", "escalate_last", "--results", str(tmp_path / "results")]
+    with pytest.raises(SystemExit, match=r"^dpo_variants: .* \(plain_text_loss None, now 'no end-of-text target'\)"):
+        dpo_variants.main(late)  # one line, not a traceback

@@ -71,12 +71,13 @@ def test_the_plain_text_loss_reads_alices_own_tokens_without_an_end_of_text_targ
     from minisft.pretrained import SavedModel
 
     _, tokenizer = SavedModel(str(tiny_model)).load()
-    examples = alice_examples(tokenizer, 64)
     paragraphs = alice_paragraphs()
-    assert len(examples) == len(paragraphs) == 55
-    for example, paragraph in zip(examples, paragraphs, strict=True):
+    whole, cut = alice_examples(tokenizer, 10_000), alice_examples(tokenizer, 64)
+    assert len(whole) == len(cut) == len(paragraphs) == 55
+    for example, short, paragraph in zip(whole, cut, paragraphs, strict=True):
         ids = tokenizer.encode(paragraph)
-        assert example.input_ids == ids[:-1][:64] and example.labels == ids[1:][:64]
+        assert example.input_ids == ids[:-1] and example.labels == ids[1:]  # the last target: the text's own
+        assert short.input_ids == ids[:64] and short.labels == ids[1:65]
         assert tokenizer.eos_id not in example.labels
 
 
