@@ -456,6 +456,6 @@ def forgetting_text(tokenizer: Tokenizer, text: str) -> Example:
     """Held-out plain text for measuring forgetting: every token after the first is a target, and no
     end-of-text one. SFT trains the eos token itself (a chat model's eos is its end-of-turn token:
     `<|im_end|>` for SmolLM2), so that target's loss falls as the task is learnt and hides forgetting
-    (after the real-model demo's SFT it hid a fifth of the rise of Alice's loss: README)."""
+    (after the DPO demo's SFT stage it hid a fifth of the rise of Alice's loss: README, LoRA)."""
     ids = tokenizer.encode(text)
     return shift(ids, [True] * len(ids))
