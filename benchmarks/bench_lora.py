@@ -180,10 +180,11 @@ def spawn(spec: dict, args: argparse.Namespace, model: str, probe: int = 0, chec
     settings += f" {args.mmap_threshold}" * bool(args.mmap_threshold)  # keys made before the option stay valid
     key = hashlib.sha256(settings.encode()).hexdigest()[:16]
     kept = Path(args.work) / "runs" / f"{key}.json"
-    if kept.is_file() and json.loads(kept.read_text()).get("plain_text_loss") == PLAIN_TEXT_LOSS:
+    numbers = json.loads(kept.read_text()) if kept.is_file() else None
+    if numbers and numbers.get("plain_text_loss") == PLAIN_TEXT_LOSS:
         print(f"  {name}: kept from {kept}", flush=True)
-        return json.loads(kept.read_text()) | {"run": name}  # named as this bench names it (--epochs)
-    if kept.is_file():  # measured before the plain-text loss lost its end-of-text target: not comparable
+        return numbers | {"run": name}  # named as this bench names it (--epochs)
+    if numbers:  # measured before the plain-text loss lost its end-of-text target: not comparable
         print(f"  {name}: {kept} holds a plain-text loss measured the old way: run again", flush=True)
     command = [sys.executable, __file__, "--child", child, "--work", args.work, "--model", model]
     command += ["--threads", str(args.threads)] + ["--quick"] * args.quick
