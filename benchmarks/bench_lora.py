@@ -1,6 +1,7 @@
 """LoRA vs full fine-tuning on a real model, side by side: peak memory, tokens/s, held-out score, forgetting.
 
-    python benchmarks/bench_lora.py [--lora 'r=16 epochs=2' ...] [--epochs 1] [--threads 1] [--keep DIR]
+    python benchmarks/bench_lora.py [--lora 'r=16 epochs=2' ...] [--full 'epochs=2 kl=1' ...] [--epochs 1]
+                                    [--threads 1] [--keep DIR]
     python benchmarks/bench_lora.py --memory-only [--lora 'r=16 base=bf16' ...]   # minutes: no scores
     python benchmarks/bench_lora.py --quick       # a tiny random model, a few steps: what CI runs (nothing saved)
 
@@ -11,8 +12,12 @@ CPU multiplies bf16 natively, fp32 where it does not (`train.cpu_precision`). Fu
 trains every weight at lr 2e-4 (the demo's) for `--epochs` (default 1 epoch, 48 steps; the demo runs
 2), and for every other epoch count a LoRA run asks for. Each `--lora` is a LoRA run: 'r=R' alone is
 the demo's LoRA (`demo_lora`: all seven projections, alpha = 2r, lr 1e-3, the frozen base in fp32,
-`--epochs`); `alpha=`, `epochs=`, `lr=`, `rslora=1`, `targets=q,k,v,o` and `base=bf16`
-(`lora.base_dtype`) change one setting (default: r=8, r=16 and r=64).
+`--epochs`); `alpha=`, `epochs=`, `lr=`, `rslora=1`, `targets=q,k,v,o`, `base=bf16`
+(`lora.base_dtype`) and `kl=W` (`train.base_kl`: the pull toward the base model on the prompts,
+`minisft/base_kl.py`) change one setting (default: r=8, r=16 and r=64). Each `--full` is a full
+fine-tuning run with the pull (`kl=`, and `epochs=`), beside the plain ones: its row is compared with
+plain full fine-tuning of its epochs, as every run's is, and it joins the full runs each verdict lists
+within 5 points, so LoRA with the pull is read against full fine-tuning with it too.
 
 Each run is a subprocess of its own, one after the other, so no run's memory peak or threads touch
 another's:
@@ -84,7 +89,7 @@ def parse_lora(text: str, epochs: int) -> dict:
     """'r=16 epochs=2 lr=5e-4 rslora=1 targets=q,k,v,o base=bf16' -> a LoRA run's settings (the demo's
     otherwise: alpha = 2r, lr 1e-3, all seven projections, the base in fp32, --epochs)."""
     fields = dict(item.split("=", 1) for item in text.split())
-    known = ("r", "alpha", "epochs", "lr", "rslora", "targets", "base")
+    known = ("r", "alpha", "epochs", "lr", "rslora", "targets", "base", "kl")
     if set(fields) - set(known) or "r" not in fields or fields.get("base", "fp32") not in ("fp32", "bf16"):
         sys.exit(f"bench_lora: --lora {text!r}: needs r=R, and knows {', '.join(known)} (base=fp32 or bf16)")
     r = int(fields["r"])
@@ -96,19 +101,44 @@ def parse_lora(text: str, epochs: int) -> dict:
         "rslora": fields.get("rslora", "0") == "1",
         "targets": fields.get("targets", "q,k,v,o,gate,up,down"),
         "base_dtype": fields.get("base", "fp32"),
-    }
+    } | base_kl_field(fields, f"--lora {text!r}")
+
+
+def parse_full(text: str, epochs: int) -> dict:
+    """'epochs=2 kl=1' -> a full fine-tuning run with the pull toward the base, beside the plain ones the
+    bench runs anyway (of --epochs and of every run's epochs)."""
+    fields = dict(item.split("=", 1) for item in text.split())
+    spec = {"epochs": int(fields.get("epochs", epochs))} | base_kl_field(fields, f"--full {text!r}")
+    if set(fields) - {"epochs", "kl"} or "base_kl" not in spec:  # else it is a plain run the bench has anyway
+        sys.exit(f"bench_lora: --full {text!r}: needs kl=W (W > 0), and knows epochs")
+    return spec
+
+
+def base_kl_field(fields: dict, where: str) -> dict:
+    """kl=W -> {"base_kl": W}: train.base_kl, the pull toward the base (`minisft/base_kl.py`); nothing at
+    0 or without it, so the keys of runs kept before it existed stay valid."""
+    try:
+        weight = float(fields.get("kl", 0))
+    except ValueError:
+        weight = -1.0
+    if not weight >= 0:  # NaN too
+        sys.exit(f"bench_lora: {where}: kl must be a number, at least 0")
+    return {"base_kl": weight} if weight else {}
 
 
 def run_name(spec: dict, epochs: int) -> str:
-    """'full', 'lora-16', or 'lora-16 (2 ep, lr 5e-4, rsLoRA, alpha 8, q,k,v,o, bf16 base)' where not the demo's."""
-    if not spec.get("r"):
-        return "full" + (f" ({spec['epochs']} ep)" if spec["epochs"] != epochs else "")
+    """'full', 'lora-16', or 'lora-16 (2 ep, lr 5e-4, rsLoRA, alpha 8, q,k,v,o, bf16 base, base_kl 1)' where
+    not the demo's."""
     extras = [f"{spec['epochs']} ep"] * (spec["epochs"] != epochs)
-    extras += [f"lr {spec['lr']:g}"] * (spec["lr"] != 1e-3) + ["rsLoRA"] * spec["rslora"]
-    extras += [f"alpha {spec['alpha']:g}"] * (spec["alpha"] != 2 * spec["r"])
-    extras += [spec["targets"]] * (spec["targets"] != "q,k,v,o,gate,up,down")
-    extras += ["bf16 base"] * (spec["base_dtype"] == "bf16")
-    return f"lora-{spec['r']}" + (f" ({', '.join(extras)})" if extras else "")
+    if spec.get("r"):
+        extras += [f"lr {spec['lr']:g}"] * (spec["lr"] != 1e-3) + ["rsLoRA"] * spec["rslora"]
+        extras += [f"alpha {spec['alpha']:g}"] * (spec["alpha"] != 2 * spec["r"])
+        extras += [spec["targets"]] * (spec["targets"] != "q,k,v,o,gate,up,down")
+        extras += ["bf16 base"] * (spec["base_dtype"] == "bf16")
+    if spec.get("base_kl"):
+        extras.append(f"base_kl {spec['base_kl']:g}")
+    name = f"lora-{spec['r']}" if spec.get("r") else "full"
+    return name + (f" ({', '.join(extras)})" if extras else "")
 
 
 def demo_config(args: argparse.Namespace, model: str, spec: dict):
@@ -149,7 +179,9 @@ def run_child(args: argparse.Namespace) -> dict:
         attach_lora(model, replace(lora, base_dtype=spec["base_dtype"]), saved.path)
     steps_per_epoch = math.ceil(len(pack_examples(train_set, cfg.pack_to)) / cfg.rows_per_step)
     train_cfg = replace(demo_train_config(cfg, steps_per_epoch, args.threads), eval_every=0, log_every=4)
-    train_cfg = replace(train_cfg, activation_checkpointing=spec.get("checkpointing", False))
+    train_cfg = replace(
+        train_cfg, activation_checkpointing=spec.get("checkpointing", False), base_kl=spec.get("base_kl", 0.0)
+    )
     if spec.get("probe"):  # a few steps, no evaluation: the peak is reached by the second step
         train_cfg, eval_sets = replace(train_cfg, steps=spec["probe"], log_every=1), {}
     run_dir = Path(tempfile.mkdtemp(dir=args.work, prefix="run-"))  # its own: benches may share --keep
@@ -237,14 +269,16 @@ def memory_verdict(ratios: dict) -> str:
     )
 
 
-def table(base: dict | None, runs: list[tuple[int, dict, dict]]) -> tuple[list[dict], str]:
-    """Rows (epochs, each run, its activation-checkpointing probe), full fine-tuning's first: each LoRA run's
-    ratios are to full fine-tuning of its epochs (the same data, seen as often), and the verdicts; base None:
-    memory and speed only (--memory-only)."""
-    fulls = {epochs: (r, saving) for epochs, r, saving in runs if r["run"].startswith("full")}
+def table(base: dict | None, runs: list[tuple[dict, dict, dict]]) -> tuple[list[dict], str]:
+    """Rows (each run's settings, its numbers, its activation-checkpointing probe's), full fine-tuning's first:
+    each other run's ratios are to plain full fine-tuning of its epochs (the same data, seen as often), and
+    the verdicts; base None: memory and speed only (--memory-only)."""
+    plain = [(spec, r, saving) for spec, r, saving in runs if not spec.get("r") and not spec.get("base_kl")]
+    fulls = {spec["epochs"]: (r, saving) for spec, r, saving in plain}
+    every_full = [r for spec, r, _ in runs if not spec.get("r")]  # with the pull toward the base too
     rows, verdicts = [], []
-    for epochs, r, saving in runs:
-        full, full_saving = fulls[epochs]
+    for spec, r, saving in runs:
+        full, full_saving = fulls[spec["epochs"]]
         columns, ratios = memory_columns(r, saving, full, full_saving)
         name, full_name = (x["run"].removesuffix(" probe") for x in (r, full))  # --memory-only's rows are probes
         row = {"run": name, "steps": r["steps"]} | columns
@@ -258,11 +292,13 @@ def table(base: dict | None, runs: list[tuple[int, dict, dict]]) -> tuple[list[d
             continue
         rounded = {k: round(v, 2 if "×" in k else 1) for k, v in ratios.items()}
         rows.append(row | {"compared with": full_name} | rounded)
+        if not spec.get("r"):  # full fine-tuning with the pull: a reference for LoRA, not LoRA's targets
+            continue
         line = f"- {name}, against {full_name}: " + memory_verdict(ratios)
         if base is not None:
             line += f", forgetting {verdict(ratios['forgetting ×'], TARGETS['forgetting'], True)}, score "
             line += verdict(-ratios["score Δ pts"], TARGETS["score_points"], True)
-            line += matched_score(r, [full for full, _ in fulls.values()], base)
+            line += matched_score(r, every_full, base)
         verdicts.append(line)
     head = (
         ""
@@ -301,6 +337,10 @@ def main() -> None:
         "--lora", action="append", help="a LoRA run beside full fine-tuning, e.g. 'r=16 epochs=2 lr=5e-4 rslora=1 "
         "targets=q,k,v,o base=bf16' (repeatable; default: r=8, r=16, r=64 at the demo's settings)",
     )  # fmt: skip
+    parser.add_argument(
+        "--full", action="append", help="a full fine-tuning run besides those of each epoch count, e.g. "
+        "'epochs=2 kl=1' (kl: train.base_kl, the pull toward the base; repeatable)",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=1, help="epochs of the demo's 400 tickets (48 steps each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--probe-steps", type=int, default=4, help="steps of each memory and speed probe")
@@ -328,7 +368,8 @@ def main() -> None:
     loras = [parse_lora(text, args.epochs) for text in args.lora or DEFAULT_LORA]
     # Full fine-tuning of --epochs and of every LoRA run's epochs: each LoRA run is compared with the one
     # that saw the same data as often.
-    specs = [{"epochs": e} for e in sorted({args.epochs, *(lora["epochs"] for lora in loras)})] + loras
+    fulls = [parse_full(text, args.epochs) for text in args.full or ()]
+    specs = [{"epochs": e} for e in sorted({args.epochs, *(run["epochs"] for run in loras + fulls)})] + fulls + loras
     with tempfile.TemporaryDirectory() as temporary:
         args.work = args.keep or temporary
         Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -342,7 +383,7 @@ def main() -> None:
                 spawn({"untrained": True}, args, model),
                 [spawn(spec, args, model) for spec in specs],
             )
-    rows, text = table(base, [(spec["epochs"], *pair) for spec, *pair in zip(specs, runs, saving, strict=True)])
+    rows, text = table(base, list(zip(specs, runs, saving, strict=True)))
     facts = cpu_facts() | {"threads": args.threads, "full fine-tuning epochs": args.epochs}
     facts |= {"probe steps": args.probe_steps, "precision": cpu_precision()}
     facts |= {"malloc mmap threshold": args.mmap_threshold or "glibc's dynamic one"}

@@ -104,6 +104,18 @@ class RunConfig:
             raise ValueError(f"objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if self.objective == "dpo" and self.data.packing:
             raise ValueError("data.packing is SFT's: DPO's pairs are padded, each pair's two sequences side by side")
+        if self.train.base_kl:  # a pull toward the model the run starts from (base_kl.py)
+            if self.objective == "dpo":
+                raise ValueError("train.base_kl is SFT's: DPO already keeps to its reference model (dpo.beta)")
+            if not self.init:
+                raise ValueError("train.base_kl needs init: a pull toward a random model keeps nothing worth keeping")
+            if self.data.train_on == "all":
+                raise ValueError('train.base_kl reads the tokens SFT does not train: data.train_on = "all" leaves none')
+            if self.lora.adapter:
+                raise ValueError(
+                    "train.base_kl with lora.adapter is not supported: switching the adapters off would give "
+                    "the weights under them, not the model the run starts from"
+                )
         if self.freeze_layers < 0:
             raise ValueError(f"freeze_layers must be at least 0, got {self.freeze_layers}")
         if (self.freeze_embeddings or self.freeze_layers) and not self.init:

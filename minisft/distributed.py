@@ -78,7 +78,8 @@ def sum_across_ranks(value: Tensor) -> Tensor:
 
 class _Loss(nn.Module):
     """DDP syncs the gradients of what its module's forward computes: here, one of the model's
-    training methods (`loss` for SFT, `sequence_log_probs` for DPO), named by the caller."""
+    training methods (`loss` for SFT, `loss_and_base_kl` with train.base_kl, `sequence_log_probs` for
+    DPO), named by the caller."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
@@ -89,7 +90,7 @@ class _Loss(nn.Module):
 
 
 # The model's methods a training step calls instead of forward: FSDP2 gathers parameters for them too.
-TRAINING_METHODS = ("loss", "sequence_log_probs")
+TRAINING_METHODS = ("loss", "sequence_log_probs")  # loss_and_base_kl: FSDP is refused with it
 
 
 def shard(model: Transformer) -> None:

@@ -47,11 +47,16 @@ def token_losses_torch(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> t
     labels = labels.reshape(-1)
     where = (labels != IGNORE_INDEX).nonzero()[:, 0]  # a sync on a GPU (the row count), where the Triton backend runs
     hidden, labels = hidden.reshape(-1, hidden.shape[-1])[where], labels[where]
-    rows = max(1, CHUNK_LOGITS // head_weight.shape[0])
-    starts = range(0, max(len(labels), 1), rows)  # no trained row: one empty chunk, zero gradients
-    chunks = [slice(start, start + rows) for start in starts]
+    chunks = logit_chunks(len(labels), head_weight.shape[0])
     losses = [checkpoint(_chunk_token_losses, hidden[c], head_weight, labels[c], use_reentrant=False) for c in chunks]
     return torch.cat(losses), where
+
+
+def logit_chunks(rows: int, vocab: int) -> list[slice]:
+    """Slices of rows whose logits fit CHUNK_LOGITS; no row: one empty chunk (zero gradients, never a
+    missing graph)."""
+    step = max(1, CHUNK_LOGITS // vocab)
+    return [slice(start, start + step) for start in range(0, max(rows, 1), step)]
 
 
 def token_loss_sum_torch(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
@@ -86,6 +91,31 @@ def sequence_log_probs_triton(hidden: Tensor, head_weight: Tensor, labels: Tenso
 
 # Name -> per-sequence log-prob function (DPO's log π(y|x)), picked by the same loss backend name.
 LOGPROB_BACKENDS = {"torch": sequence_log_probs_torch, "triton": sequence_log_probs_triton}
+
+
+def _chunk_base_kl(hidden: Tensor, head_weight: Tensor, base_hidden: Tensor, base_head_weight: Tensor) -> Tensor:
+    log_p = F.log_softmax((hidden @ head_weight.T).float(), dim=-1)  # the model being trained
+    with torch.no_grad():  # the base is a fixed target
+        log_q = F.log_softmax((base_hidden @ base_head_weight.T).float(), dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def base_kl_sum(
+    hidden: Tensor, head_weight: Tensor, base_hidden: Tensor, base_head_weight: Tensor, positions: Tensor
+) -> Tensor:
+    """Σ_t KL(q_t ‖ p_t) = Σ_t Σ_v q_t(v) (log q_t(v) − log p_t(v)) over the positions marked True, in
+    fp32: p the model's next-token distribution, q the base model's (`base_kl.py`). Its gradient in
+    the model's logits is p − q per row: distillation from the base (Hinton et al. 2015), as Learning
+    without Forgetting (Li & Hoiem 2016) keeps a network's old outputs while it learns a new task.
+    hidden, base_hidden (..., dim); positions (...) bool. Chunked like the token loss: no (N, V) logits."""
+    where = positions.reshape(-1).nonzero()[:, 0]
+    hidden = hidden.reshape(-1, hidden.shape[-1])[where]
+    base_hidden = base_hidden.reshape(-1, base_hidden.shape[-1])[where]
+    kls = [
+        checkpoint(_chunk_base_kl, hidden[c], head_weight, base_hidden[c], base_head_weight, use_reentrant=False)
+        for c in logit_chunks(len(where), head_weight.shape[0])
+    ]
+    return torch.cat(kls).sum()
 
 
 def masked_lm_loss(

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from minisft.functions import rms_norm, swiglu
-from minisft.loss import LOGPROB_BACKENDS, LOSS_BACKENDS, masked_lm_loss
+from minisft.loss import LOGPROB_BACKENDS, LOSS_BACKENDS, base_kl_sum, masked_lm_loss
 from triton_kernels.documents import document_bounds, document_mask
 
 ROPE_SCALINGS = ("", "linear", "llama3")
@@ -433,6 +433,23 @@ class Transformer(nn.Module):
         """Masked next-token loss; labels are already shifted, -100 where no loss is taken."""
         hidden = self(input_ids, position_ids, document_ids)
         return masked_lm_loss(hidden, self.head_weight, labels, num_trained_tokens, backend=self.backends.loss)
+
+    def loss_and_base_kl(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        num_trained_tokens: int,
+        position_ids: Tensor | None,
+        document_ids: Tensor | None,
+        base_hidden: Tensor,
+        base_head_weight: Tensor,
+        kl_positions: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """`loss`, and Σ KL(base ‖ model) over kl_positions given the base's hidden states (`base_kl.py`):
+        one forward for both."""
+        hidden = self(input_ids, position_ids, document_ids)
+        loss = masked_lm_loss(hidden, self.head_weight, labels, num_trained_tokens, backend=self.backends.loss)
+        return loss, base_kl_sum(hidden, self.head_weight, base_hidden, base_head_weight, kl_positions)
 
     def sequence_log_probs(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         """(B,) Σ log p(label) over each row's trained positions (DPO's log π(y|x)); labels shifted, -100 elsewhere."""

@@ -71,6 +71,9 @@ class TrainConfig:
     # Recompute each block's activations in the backward instead of keeping them (Chen et al. 2016):
     # about a third more compute; activation memory down to one block's plus the residual stream.
     activation_checkpointing: bool = False
+    # λ of a pull toward the model as it started, against forgetting: SFT's loss + λ · KL(base ‖ model)
+    # on the prompts' tokens, the ones SFT does not train (base_kl.py; 0: off). SFT only.
+    base_kl: float = 0.0
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_checkpoints")
@@ -80,6 +83,10 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "early_stop_patience", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be at least 0, got {getattr(self, name)}")
+        if self.base_kl < 0:
+            raise ValueError(f"train.base_kl must be at least 0 (0: off), got {self.base_kl}")
+        if self.base_kl and self.fsdp:
+            raise ValueError("train.base_kl with train.fsdp is not supported: the base's forward is not sharded")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be positive, got {self.lr}")
         if self.precision not in PRECISIONS:
@@ -171,7 +178,7 @@ def optimizer_step(
     objective: Objective | None = None,
 ) -> tuple[float, float, dict[str, float]]:
     """Accumulate Σ loss / num_trained over the micro-batches, clip, step. -> (loss, grad norm, the
-    objective's step statistics, each a sum over the step / num_trained).
+    objective's step statistics, each summed over the micro-batches and ranks).
 
     A non-finite loss or gradient norm skips the update: the gradients are dropped, the weights
     and AdamW's moments stay as they were. `replica` is the model as this rank trains it (one for
@@ -227,7 +234,8 @@ def collate(items: list[Example] | list[list[Example]], pad_id: int) -> Batch:
 class Objective:
     """What a step minimises, and how its micro-batches are made: SFT's masked token loss here;
     DPO's pair loss in dpo.py overrides each method. `stats` names what `loss` returns besides
-    the loss (sums over the micro-batch, divided by the normaliser), logged every log_every steps."""
+    the loss (the micro-batch's share of a step's number: summed over micro-batches and ranks, the
+    step's), logged every log_every steps."""
 
     stats: tuple[str, ...] = ()
 
@@ -290,15 +298,22 @@ def train_loop(
     adds files of the caller's to each) and resume=True continues from the newest one exactly: the
     same batches, losses and (on CPU, bitwise) weights as a run never interrupted. Logging, eval
     bookkeeping, checkpoints and the NaN guard are `bookkeeping.py`'s. `objective` is SFT's
-    unless given (DPO: `dpo.py`); items are then whatever it collates.
+    unless given (DPO: `dpo.py`); items are then whatever it collates. cfg.base_kl > 0 adds SFT's
+    pull toward the model as it is when the loop starts (`base_kl.py`), before any checkpoint is restored.
     """
-    objective = objective or Objective()
+    if cfg.base_kl and objective is not None:
+        raise ValueError("train.base_kl adds to SFT's token loss, not to another objective's")
     me, device = ranks(), model.embed_tokens.weight.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # for the rest of the process, evaluation and generation too
     model.checkpoint_blocks = cfg.activation_checkpointing
     torch.manual_seed(cfg.seed)
     replica = Replica(model, cfg.fsdp)  # before the optimizer: FSDP2 replaces the parameters by shards
+    if cfg.base_kl:  # after DDP's broadcast (every rank's base is rank 0's), before a resume's restore
+        from minisft.base_kl import BaseKL  # here, not at the top: base_kl.py builds on this file's Objective
+
+        objective = BaseKL(model, cfg.base_kl, pad_id)
+    objective = objective or Objective()
     optimizer = make_optimizer(model, cfg)
     items = stream_items(train_set, pack_to, label)
     books = Bookkeeper(Path(run_dir), cfg, label, replica, optimizer, resume, write_extra)

@@ -171,7 +171,8 @@ def test_lora_benchmark_compares_each_run_with_full_fine_tuning_of_its_epochs():
     full1, full2 = run("full", 48, 0.82, 3.2), run("full (2 ep)", 96, 0.90, 3.4)
     lora = run("lora-16 (2 ep)", 96, 0.86, 3.18) | {"peak_gb": 1.0, "tokens_per_s": 150.0}
     base = {"score": 0.0, "plain_text": 3.0}
-    rows, text = table(base, [(1, full1, speed), (2, full2, speed), (2, lora, speed | {"peak_gb": 0.9})])
+    one, two, lora_spec = {"epochs": 1}, {"epochs": 2}, {"epochs": 2, "r": 16}
+    rows, text = table(base, [(one, full1, speed), (two, full2, speed), (lora_spec, lora, speed | {"peak_gb": 0.9})])
     assert [r["compared with"] for r in rows] == ["—", "—", "full (2 ep)"]
     assert rows[2]["forgetting ×"] == 0.45 and rows[2]["score Δ pts"] == -4.0
     assert rows[2]["memory ×"] == 0.5 and rows[2]["checkpointing: memory ×"] == 0.45 and rows[2]["tokens/s ×"] == 1.5
@@ -179,6 +180,41 @@ def test_lora_benchmark_compares_each_run_with_full_fine_tuning_of_its_epochs():
     assert "full runs within 5 points: 0.90× full, 0.45× full (2 ep)" in text
     assert score_points({"score": 0.14}, {"score": 0.09}) == 5.0  # 10 tickets of 200: within 5 points
     # --memory-only: probes on both sides, named and compared without " probe"
-    rows, text = table(None, [(1, full1 | {"run": "full probe"}, speed), (1, lora | {"run": "lora-16 probe"}, speed)])
+    probes = [
+        (one, full1 | {"run": "full probe"}, speed),
+        ({"epochs": 1, "r": 16}, lora | {"run": "lora-16 probe"}, speed),
+    ]
+    rows, text = table(None, probes)
     assert [(r["run"], r["compared with"]) for r in rows] == [("full", "—"), ("lora-16", "full")]
     assert "- lora-16, against full: memory" in text and "held-out exact" not in text
+
+
+def test_lora_benchmark_reads_the_pull_toward_the_base_on_both_sides(capsys):
+    """kl=W (train.base_kl) in --lora and --full: named, keyed only when set (runs kept before it keep
+    their keys), a full run with it compared with plain full fine-tuning and listed in the verdicts'
+    full runs within 5 points. By hand: base 3.0; full 2 ep forgets 0.4 at 90%, with the pull 0.2 at
+    88%; LoRA with the pull 0.1 at 86% -> 0.25x full (2 ep), 0.50x full (2 ep, base_kl 1)."""
+    from benchmarks.bench_lora import parse_full, parse_lora, run_name, table
+
+    assert parse_lora("r=16 epochs=2", 1) == parse_lora("r=16 epochs=2 kl=0", 1)
+    assert "base_kl" not in parse_lora("r=16", 1) and parse_lora("r=16 kl=0.5", 1)["base_kl"] == 0.5
+    assert parse_full("epochs=2 kl=1", 1) == {"epochs": 2, "base_kl": 1.0}
+    assert run_name(parse_full("epochs=2 kl=1", 1), 1) == "full (2 ep, base_kl 1)"
+    assert run_name(parse_lora("r=16 epochs=2 kl=0.5", 1), 2) == "lora-16 (base_kl 0.5)"
+    for bad in ("epochs=2", "kl=0", "kl=-1", "kl=abc", "r=4 kl=1"):  # a plain full run, or no number
+        with pytest.raises(SystemExit, match="--full"):
+            parse_full(bad, 1)
+    speed = {"trained_params": 1e6, "peak_gb": 2.0, "growth_gb": 1.0, "tokens_per_s": 100.0}
+    run = lambda name, score, loss: speed | {"run": name, "steps": 96, "score": score, "plain_text": loss}
+    full, pulled = run("full (2 ep)", 0.90, 3.4), run("full (2 ep, base_kl 1)", 0.88, 3.2)
+    lora = run("lora-16 (2 ep, base_kl 1)", 0.86, 3.1)
+    specs = [{"epochs": 2}, parse_full("epochs=2 kl=1", 1), parse_lora("r=16 epochs=2 kl=1", 1)]
+    rows, text = table(
+        {"score": 0.0, "plain_text": 3.0}, list(zip(specs, [full, pulled, lora], [speed] * 3, strict=True))
+    )
+    assert [(r["run"], r["compared with"]) for r in rows] == [
+        ("full (2 ep)", "—"), ("full (2 ep, base_kl 1)", "full (2 ep)"), ("lora-16 (2 ep, base_kl 1)", "full (2 ep)"),
+    ]  # fmt: skip
+    assert rows[1]["forgetting ×"] == 0.5 and rows[2]["forgetting ×"] == 0.25
+    assert "- full (2 ep, base_kl 1)," not in text  # a reference, not a LoRA run with targets
+    assert "full runs within 5 points: 0.25× full (2 ep), 0.50× full (2 ep, base_kl 1)" in text
