@@ -54,7 +54,8 @@ and --quick; the base's not by --epochs): a bench can be stopped and continued, 
 `--lora` at a time. Numbers kept from before the plain-text loss lost its end-of-text target
 (`demo_real.PLAIN_TEXT_LOSS`) are run again; delete DIR after any other change to the code.
 
-Results go to benchmarks/results/lora.{md,json} (lora_memory with --memory-only), with versions,
+Results go to benchmarks/results/lora.{md,json} (lora_memory with --memory-only; `--results NAME`:
+NAME.{md,json}, so a study of its own leaves the main table whole), with versions,
 date, CPU and load averages (the CPU may be shared: compare the rows of one run, not runs).
 """
 
@@ -327,7 +328,11 @@ def matched_score(run: dict, fulls: list[dict], base: dict) -> str:
     """The forgetting ratio to each full fine-tuning run whose score is within 5 points of this run's
     (of any epochs): the target read at matched score rather than at matched training."""
     near = [f for f in fulls if abs(score_points(run, f)) <= TARGETS["score_points"]]
-    ratios = ", ".join(f"{forgetting_ratio(run, f, base):.2f}× {f['run']}" for f in near)
+    ratios = ", ".join(
+        f"{forgetting_ratio(run, f, base):.2f}× {f['run']}" if f["plain_text"] > base["plain_text"]
+        else f"{f['run']} forgot nothing"  # no ratio to take
+        for f in near
+    )  # fmt: skip
     return f"; full runs within 5 points: {ratios or 'none'}"
 
 
@@ -353,6 +358,7 @@ def main() -> None:
         help="glibc's malloc mmap threshold for every run (MALLOC_MMAP_THRESHOLD_, e.g. 131072): freed blocks "
         "above it go back to the OS at once, so peak RSS follows the live tensors (default: glibc's own)",
     )  # fmt: skip
+    parser.add_argument("--results", help="the results files' name under benchmarks/results (default: lora)")
     parser.add_argument("--keep", help="a folder for the runs' numbers: a run already there is read, not rerun")
     parser.add_argument("--quick", action="store_true", help="a tiny random model and a few tickets (seconds)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -390,7 +396,7 @@ def main() -> None:
     facts |= {"load_average_before": load_before[0], "load_average_after": os.getloadavg()[0]}
     print(text)
     if not args.quick:  # a tiny random model's numbers mean nothing: printed, never saved
-        save_results("lora_memory" if args.memory_only else "lora", facts, rows, text)
+        save_results(args.results or ("lora_memory" if args.memory_only else "lora"), facts, rows, text)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ Triton one fuses the head matmul and the cross-entropy in a kernel (`triton_kern
 DPO (`dpo.py`) needs per-sequence sums instead, log π(y|x) = Σ_t log p(y_t | y_<t, x) over the
 response: the same two backends, the torch one summing per-token losses into their sequences, the
 Triton one the fused kernel's per-row mode (its backward takes one upstream factor per token).
+
+train.base_kl's pull toward the base (`base_kl.py`) needs whole distributions, not one label's
+probability: `base_kl_sum` takes KL(base ‖ model) over marked rows, chunked and recomputed as the
+PyTorch token loss is, on either backend (the fused kernel has no KL mode).
 """
 
 from __future__ import annotations

@@ -218,3 +218,6 @@ def test_lora_benchmark_reads_the_pull_toward_the_base_on_both_sides(capsys):
     assert rows[1]["forgetting ×"] == 0.5 and rows[2]["forgetting ×"] == 0.25
     assert "- full (2 ep, base_kl 1)," not in text  # a reference, not a LoRA run with targets
     assert "full runs within 5 points: 0.25× full (2 ep), 0.50× full (2 ep, base_kl 1)" in text
+    pulled["plain_text"] = 2.99  # below the base's: nothing forgotten, no ratio to take
+    text = table({"score": 0.0, "plain_text": 3.0}, list(zip(specs, [full, pulled, lora], [speed] * 3, strict=True)))[1]
+    assert "full runs within 5 points: 0.25× full (2 ep), full (2 ep, base_kl 1) forgot nothing" in text
