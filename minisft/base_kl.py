@@ -51,9 +51,8 @@ class BaseKL(Objective):
 
     def __init__(self, model: Transformer, weight: float, pad_id: int) -> None:
         self.model, self.weight, self.pad_id = model, weight, pad_id
-        self.lora = bool(lora_layers(model))
         # Without adapters to switch off, the base must be kept: a frozen copy, made before any step.
-        self.copy = None if self.lora else copy.deepcopy(model).requires_grad_(False).eval()
+        self.copy = None if lora_layers(model) else copy.deepcopy(model).requires_grad_(False).eval()
         self.anchored = 0  # |P| of the current step, set by `count`
 
     @contextmanager
