@@ -5,7 +5,7 @@
 SFT trains the answer tokens only, yet every weight it moves also moves the model's predictions
 everywhere else: on ordinary text too, which is forgetting (the plain-text loss's rise,
 `data.plain_text_eval`). The second term asks the model to keep predicting what the base model
-(q, the model as the run started) predicts on P, the positions SFT does *not* train: real tokens
+(q, the model as the run starts) predicts on P, the positions SFT does *not* train: real tokens
 (not pads) whose next token carries no loss (label -100) — the prompts, and with data.train_on =
 "last" the earlier answers too; text the user supplies anyway, so no other data is needed. (With
 train_on = "all" P is empty: refused.)
@@ -14,70 +14,120 @@ as Learning without Forgetting (Li & Hoiem 2016) keeps a network's old outputs o
 |P| counts the whole step's positions (all micro-batches, all ranks), as N does for the token loss,
 so gradient accumulation and DDP give the one-big-batch gradient.
 
-The base costs one forward without gradients per micro-batch, and logits over P on both sides
-(each chunk's recomputed in the backward, the base's too, as the PyTorch token loss recomputes its):
-  - with LoRA, the base *is* the model with its adapters off (`lora.adapters_off`): no second copy;
-  - otherwise a frozen copy of the weights as the run starts (before a resumed run restores its
-    checkpoint, so a resumed run keeps the same base): one more model's weights in memory.
+The base never changes, so its distributions are computed once, before the first step — one
+forward over the training set, as DPO's reference log-probs are (`dpo.py`) — and kept cut to their
+`train.base_kl_top_k` likeliest tokens plus the rest's mass (`loss.top_k_distributions`; the KL
+is then taken through those k + 1 buckets, `loss.base_kl_sum`). No second model is held and no
+step runs the base: a step pays only its own logits over P (each chunk's recomputed in the
+backward, as the PyTorch token loss recomputes its). The kept distributions cost
+|P| · (8k + 4) bytes of CPU memory — printed when they are made. A resumed run makes them again
+from the model it is given, before its checkpoint is restored, so its base is the same.
 The step's `base_kl` (Σ KL / |P|) is logged with the loss, which then holds both terms.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from minisft.distributed import Replica, ranks, sum_across_ranks
 from minisft.labels import IGNORE_INDEX
-from minisft.lora import adapters_off, lora_layers
+from minisft.loss import top_k_distributions
 from minisft.model import Transformer
 from minisft.packing import Batch
-from minisft.train import Objective
+from minisft.train import Item, Objective, TrainConfig, autocast, collate
 
 
-def anchored_positions(batch: Batch, pad_id: int) -> Tensor:
+class BaseDistributions(NamedTuple):
+    """The base's next-token distributions at one item's anchored positions, in order, cut to top k."""
+
+    ids: Tensor  # (n, k) int32: the k likeliest tokens
+    probs: Tensor  # (n, k) fp32: their probabilities
+    rest: Tensor  # (n,) fp32: the probability of every other token together
+
+
+class AnchoredBatch(NamedTuple):
+    """A Batch and the base's distributions at its anchored positions, row by row (`anchored_positions`'s
+    order): what the loss compares the model's with."""
+
+    input_ids: Tensor
+    labels: Tensor
+    position_ids: Tensor | None
+    document_ids: Tensor | None
+    base_ids: Tensor  # (|P|, k)
+    base_probs: Tensor  # (|P|, k)
+    base_rest: Tensor  # (|P|,)
+
+
+def anchored_positions(batch: Batch | AnchoredBatch, pad_id: int) -> Tensor:
     """(B, T) bool: the real tokens whose next token SFT takes no loss on (the prompts)."""
     return (batch.labels == IGNORE_INDEX) & (batch.input_ids != pad_id)
 
 
+@torch.no_grad()
+def base_distributions(
+    model: Transformer, items: list[Item], pad_id: int, top_k: int, batch_size: int, precision: str
+) -> list[BaseDistributions]:
+    """Each item's (an example, or a packed row of them) anchored distributions under `model` as it is
+    now, in eval mode, batch_size items a forward. An item's anchored positions do not depend on the
+    batch it is collated into (rows are right-padded), so they line up with any later batch's."""
+    device, was_training = model.embed_tokens.weight.device, model.training
+    model.eval()
+    found = []
+    for start in range(0, len(items), batch_size):
+        batch = collate(items[start : start + batch_size], pad_id)
+        ids, positions, documents = (None if t is None else t.to(device) for t in batch[:1] + batch[2:])
+        with autocast(device, precision):  # as the loss will see the model's own: bf16 matmuls on a GPU
+            hidden = model(ids, positions, documents)
+            for row, anchored in zip(hidden, anchored_positions(batch, pad_id).to(device), strict=True):
+                kept = top_k_distributions(row[anchored], model.head_weight, top_k)
+                found.append(BaseDistributions(*(t.cpu() for t in kept)))
+    model.train(was_training)
+    return found
+
+
 class BaseKL(Objective):
-    """SFT's token loss plus weight · the mean KL(base ‖ model) over the step's anchored positions."""
+    """SFT's token loss plus weight · the mean KL(base ‖ model) over the step's anchored positions.
+    Its items are (item, BaseDistributions) pairs: `with_base` makes them."""
 
     stats = ("base_kl",)
 
-    def __init__(self, model: Transformer, weight: float, pad_id: int) -> None:
-        self.model, self.weight, self.pad_id = model, weight, pad_id
-        # Without adapters to switch off, the base must be kept: a frozen copy, made before any step.
-        self.copy = None if lora_layers(model) else copy.deepcopy(model).requires_grad_(False).eval()
+    def __init__(self, weight: float, pad_id: int) -> None:
+        self.weight, self.pad_id = weight, pad_id
         self.anchored = 0  # |P| of the current step, set by `count`
+        self.seconds = 0.0  # spent making the base's distributions (`with_base`)
 
-    @contextmanager
-    def base(self) -> Iterator[Transformer]:
-        if self.copy is not None:
-            yield self.copy
-        else:
-            with adapters_off(self.model):
-                yield self.model
+    def with_base(self, model: Transformer, items: list[Item], cfg: TrainConfig, label: str) -> list[tuple]:
+        """items paired with their base distributions under `model` as it is now: the base."""
+        start = time.perf_counter()
+        found = base_distributions(model, items, self.pad_id, cfg.base_kl_top_k, cfg.batch_size, cfg.precision)
+        self.seconds = time.perf_counter() - start  # what the run spent on them, beside its steps
+        if ranks().is_main:
+            positions, size = sum(len(d.rest) for d in found), sum(t.nbytes for d in found for t in d)
+            print(
+                f"{label}: the base's next-token distributions at {positions:,} prompt positions, top "
+                f"{found[0].ids.shape[1]} each ({size / 2**20:.1f} MiB), in {self.seconds:.1f} s"
+            )
+        return list(zip(items, found, strict=True))
 
-    def count(self, batches: list[Batch], pad_id: int, device: torch.device) -> tuple[int, int, int]:
-        anchored = sum(int(anchored_positions(b, pad_id).sum()) for b in batches)
+    def collate(self, items: list[tuple], pad_id: int) -> AnchoredBatch:
+        batch = collate([item for item, _ in items], pad_id)
+        return AnchoredBatch(*batch, *(torch.cat(parts) for parts in zip(*(base for _, base in items), strict=True)))
+
+    def count(self, batches: list[AnchoredBatch], pad_id: int, device: torch.device) -> tuple[int, int, int]:
+        anchored = sum(len(b.base_rest) for b in batches)
         if ranks().world > 1:
             anchored = int(sum_across_ranks(torch.tensor([anchored], device=device)).item())
         self.anchored = anchored
         return super().count(batches, pad_id, device)
 
-    def loss(self, replica: Replica, batch: Batch, normaliser: int) -> tuple[Tensor, list[Tensor]]:
-        ids, positions, documents = batch.input_ids, batch.position_ids, batch.document_ids
-        with torch.no_grad(), self.base() as base:
-            base_hidden = base(ids, positions, documents)
-            base_head = base.head_weight
+    def loss(self, replica: Replica, batch: AnchoredBatch, normaliser: int) -> tuple[Tensor, list[Tensor]]:
         token_loss, kl_sum = replica.run(
-            "loss_and_base_kl", ids, batch.labels, normaliser, positions, documents,
-            base_hidden, base_head, anchored_positions(batch, self.pad_id),
+            "loss_and_base_kl", batch.input_ids, batch.labels, normaliser, batch.position_ids, batch.document_ids,
+            anchored_positions(batch, self.pad_id), batch.base_ids, batch.base_probs, batch.base_rest,
         )  # fmt: skip
         kl = kl_sum / max(self.anchored, 1)
         return token_loss + self.weight * kl, [kl.detach()]

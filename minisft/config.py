@@ -111,11 +111,6 @@ class RunConfig:
                 raise ValueError("train.base_kl needs init: a pull toward a random model keeps nothing worth keeping")
             if self.data.train_on == "all":
                 raise ValueError('train.base_kl reads the tokens SFT does not train: data.train_on = "all" leaves none')
-            if self.lora.adapter:
-                raise ValueError(
-                    "train.base_kl with lora.adapter is not supported: switching the adapters off would give "
-                    "the weights under them, not the model the run starts from"
-                )
         if self.freeze_layers < 0:
             raise ValueError(f"freeze_layers must be at least 0, got {self.freeze_layers}")
         if (self.freeze_embeddings or self.freeze_layers) and not self.init:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,14 +101,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as PEFT does
         self.scale, self.dropout = scale, nn.Dropout(dropout)
         self.merged = False
-        self.off = False  # `adapters_off`: W x + b alone, the base model's projection
 
     def forward(self, x: Tensor) -> Tensor:
         # Both paths run in x's dtype (bf16 under autocast: the norms hand over bf16). W and the fp32
         # adapters are cast to it, never x: the backward then keeps x itself, shared by q, k and v (or
         # gate and up), not a private copy per adapter — an fp32 x.to() here cost a copy of every input.
         out = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if self.merged or self.off:
+        if self.merged:
             return out
         low = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
         return out + F.linear(low, self.lora_B.to(x.dtype)) * self.scale
@@ -159,22 +156,6 @@ def apply_lora(model: Transformer, cfg: LoRAConfig) -> dict[str, LoRALinear]:
         raise ConfigError(f"lora.targets={cfg.targets!r} matches no layer of the model")
     model.lora_config = cfg  # checkpoints see it: they save these adapters alone (peft_format.py)
     return wrapped
-
-
-@contextmanager
-def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside, the model computes its base's outputs: every adapter skipped, no second copy of W held
-    (the base's logits for `base_kl.py`'s pull toward it). A merged adapter cannot be switched off."""
-    layers = list(lora_layers(model).values())
-    if any(layer.merged for layer in layers):
-        raise RuntimeError("adapters_off on a merged model: its weights already hold the adapters")
-    for layer in layers:
-        layer.off = True
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.off = False
 
 
 @torch.no_grad()

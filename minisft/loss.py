@@ -23,9 +23,10 @@ DPO (`dpo.py`) needs per-sequence sums instead, log π(y|x) = Σ_t log p(y_t | y
 response: the same two backends, the torch one summing per-token losses into their sequences, the
 Triton one the fused kernel's per-row mode (its backward takes one upstream factor per token).
 
-train.base_kl's pull toward the base (`base_kl.py`) needs whole distributions, not one label's
-probability: `base_kl_sum` takes KL(base ‖ model) over marked rows, chunked and recomputed as the
-PyTorch token loss is, on either backend (the fused kernel has no KL mode).
+train.base_kl's pull toward the base (`base_kl.py`) needs distributions, not one label's
+probability: `top_k_distributions` keeps the base's top k once, before training, and `base_kl_sum`
+takes KL(base ‖ model) against them over marked rows, chunked and recomputed as the PyTorch token
+loss is, on either backend (the fused kernel has no KL mode).
 """
 
 from __future__ import annotations
@@ -97,26 +98,56 @@ def sequence_log_probs_triton(hidden: Tensor, head_weight: Tensor, labels: Tenso
 LOGPROB_BACKENDS = {"torch": sequence_log_probs_torch, "triton": sequence_log_probs_triton}
 
 
-def _chunk_base_kl(hidden: Tensor, head_weight: Tensor, base_hidden: Tensor, base_head_weight: Tensor) -> Tensor:
-    log_p = F.log_softmax((hidden @ head_weight.T).float(), dim=-1)  # the model being trained
-    with torch.no_grad():  # the base is a fixed target
-        log_q = F.log_softmax((base_hidden @ base_head_weight.T).float(), dim=-1)
-    return (log_q.exp() * (log_q - log_p)).sum(-1)
+def _chunk_top_k(hidden: Tensor, head_weight: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    probs = F.softmax((hidden @ head_weight.T).float(), dim=-1)
+    top = probs.topk(k, dim=-1)
+    rest = probs.scatter(-1, top.indices, 0.0).sum(-1)  # summed, not 1 − Σ top: exact 0 when k = V
+    return top.indices.int(), top.values, rest
+
+
+@torch.no_grad()
+def top_k_distributions(hidden: Tensor, head_weight: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The next-token distributions of rows hidden (n, dim), cut to their k likeliest tokens: -> ids
+    (n, k) int32, their probabilities (n, k) fp32, and the rest's mass (n,) fp32 (what `base_kl_sum`
+    takes as the base's). Chunked: no (n, V) logits."""
+    k = min(k, head_weight.shape[0])
+    parts = [_chunk_top_k(hidden[c], head_weight, k) for c in logit_chunks(len(hidden), head_weight.shape[0])]
+    return tuple(torch.cat(columns) for columns in zip(*parts, strict=True))
+
+
+def _chunk_base_kl(hidden: Tensor, head_weight: Tensor, top_ids: Tensor, top_probs: Tensor, rest: Tensor) -> Tensor:
+    log_p = F.log_softmax((hidden @ head_weight.T).float(), dim=-1)
+    top_ids = top_ids.long()
+    # log p(rest): every token outside the base's top k, as one bucket. The top k's logits are set to
+    # the most negative float, not -inf: with k = V the bucket is empty and its gradient must be 0, not NaN.
+    log_p_rest = log_p.scatter(-1, top_ids, torch.finfo(log_p.dtype).min).logsumexp(-1)
+    q = torch.cat([top_probs, rest[:, None]], dim=-1)
+    log_p = torch.cat([log_p.gather(-1, top_ids), log_p_rest[:, None]], dim=-1)
+    return (torch.xlogy(q, q) - q * log_p).sum(-1)
 
 
 def base_kl_sum(
-    hidden: Tensor, head_weight: Tensor, base_hidden: Tensor, base_head_weight: Tensor, positions: Tensor
+    hidden: Tensor, head_weight: Tensor, positions: Tensor, top_ids: Tensor, top_probs: Tensor, rest: Tensor
 ) -> Tensor:
-    """Σ_t KL(q_t ‖ p_t) = Σ_t Σ_v q_t(v) (log q_t(v) − log p_t(v)) over the positions marked True, in
-    fp32: p the model's next-token distribution, q the base model's (`base_kl.py`). Its gradient in
-    the model's logits is p − q per row: distillation from the base (Hinton et al. 2015), as Learning
-    without Forgetting (Li & Hoiem 2016) keeps a network's old outputs while it learns a new task.
-    hidden, base_hidden (..., dim); positions (...) bool. Chunked like the token loss: no (N, V) logits."""
+    """Σ_t KL(q_t ‖ p_t) over the positions marked True, in fp32: p the model's next-token distribution,
+    q the base model's as `top_k_distributions` keeps it (`base_kl.py`) — its top k tokens, one row
+    per marked position in row-major order, and the rest of its mass as a (k+1)-th bucket:
+
+        KL = Σ_{v ∈ top k} q_v log(q_v / p_v)  +  q_rest log(q_rest / p_rest),   p_rest = Σ_{v ∉ top k} p_v
+
+    the KL between the two distributions seen through those k + 1 buckets: 0 when p = q, never more
+    than the full KL (merging outcomes loses information), equal to it at k = V. Its gradient in the
+    model's logit z_v is p_v − q_v in the top k and p_v (1 − q_rest / p_rest) outside it: the rest's
+    mass is pulled to the base's, spread as the model spreads it. Distillation from the base (Hinton
+    et al. 2015) with the teacher's top k stored, as Learning without Forgetting (Li & Hoiem 2016)
+    keeps a network's old outputs while it learns a new task. hidden (..., dim); positions (...) bool.
+    Chunked like the token loss, each chunk's logits recomputed in the backward: no (N, V) logits."""
     where = positions.reshape(-1).nonzero()[:, 0]
+    if len(where) != len(top_ids):
+        raise ValueError(f"base_kl_sum: {len(where)} marked positions but the base's distributions at {len(top_ids)}")
     hidden = hidden.reshape(-1, hidden.shape[-1])[where]
-    base_hidden = base_hidden.reshape(-1, base_hidden.shape[-1])[where]
     kls = [
-        checkpoint(_chunk_base_kl, hidden[c], head_weight, base_hidden[c], base_head_weight, use_reentrant=False)
+        checkpoint(_chunk_base_kl, hidden[c], head_weight, top_ids[c], top_probs[c], rest[c], use_reentrant=False)
         for c in logit_chunks(len(where), head_weight.shape[0])
     ]
     return torch.cat(kls).sum()

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minisft.functions import rms_norm, swiglu
 from minisft.loss import LOGPROB_BACKENDS, LOSS_BACKENDS, base_kl_sum, masked_lm_loss
-from triton_kernels.documents import document_bounds, document_mask
+from triton_kernels.documents import document_bounds, document_spans
 
 ROPE_SCALINGS = ("", "linear", "llama3")
 
@@ -165,9 +165,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # A batch's packed documents as an attention backend reads them (see triton_kernels/documents.py):
-# the torch backend's (B, 1, T, T) mask, the Triton kernel's (doc_start, doc_end); None when every
-# row is one document.
-Documents = Tensor | tuple[Tensor, Tensor] | None
+# the torch backend's (start, end) spans per row, the Triton kernel's (doc_start, doc_end); None when
+# every row is one document.
+Documents = list[list[tuple[int, int]]] | tuple[Tensor, Tensor] | None
 
 
 class Attend(Protocol):
@@ -181,18 +181,29 @@ class AttentionBackend(NamedTuple):
     attend: Attend
 
 
-def attention_torch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+def attention_torch(q: Tensor, k: Tensor, v: Tensor, spans: list[list[tuple[int, int]]] | None) -> Tensor:
     """Causal attention with PyTorch SDPA. q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D).
 
-    A packed batch brings its (B, 1, T, T) document mask (`document_mask`): a token attends only to
-    earlier tokens of its own document. The Triton kernel needs no such (T, T) tensor.
+    A packed batch brings each row's documents as (start, end) spans (`document_spans`): each document
+    is attended on its own, causally, so a token sees only earlier tokens of its own document. One
+    SDPA call over the whole row with a (T, T) document mask would compute the same — and every
+    masked-out score too: SDPA's CPU kernel skips no block of a mask, so at the demo's ~4 documents a
+    512-token row that costs ~2.5× the time of attention's forward and backward (Σ len² of the spans vs T²).
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants (B, H, T, D)
     gqa = k.shape[1] != q.shape[1]
-    if mask is None:
+    if spans is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = torch.cat([
+            torch.cat([
+                F.scaled_dot_product_attention(
+                    q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], is_causal=True, enable_gqa=gqa
+                )
+                for s, e in row
+            ], dim=2)
+            for b, row in enumerate(spans)
+        ])  # fmt: skip
     return out.transpose(1, 2)
 
 
@@ -205,7 +216,7 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, bounds: tuple[Tensor, Tens
 
 # Name -> causal attention, and how it wants a packed batch's documents.
 ATTENTION_BACKENDS = {
-    "torch": AttentionBackend(document_mask, attention_torch),
+    "torch": AttentionBackend(document_spans, attention_torch),
     "triton": AttentionBackend(document_bounds, attention_triton),
 }
 
@@ -405,7 +416,7 @@ class Transformer(nn.Module):
         positions = torch.arange(start, end, device=input_ids.device) if position_ids is None else position_ids
         cos, sin = rotary_cos_sin(positions, rotary_frequencies(self.config, input_ids.device))
         backend = ATTENTION_BACKENDS[self.backends.attention]
-        # Once per forward, not per layer: the mask (torch) or the document bounds (Triton).
+        # Once per forward, not per layer: the document spans (torch) or bounds (Triton).
         documents = None if document_ids is None else backend.documents(document_ids)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
@@ -441,15 +452,16 @@ class Transformer(nn.Module):
         num_trained_tokens: int,
         position_ids: Tensor | None,
         document_ids: Tensor | None,
-        base_hidden: Tensor,
-        base_head_weight: Tensor,
         kl_positions: Tensor,
+        base_ids: Tensor,
+        base_probs: Tensor,
+        base_rest: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """`loss`, and Σ KL(base ‖ model) over kl_positions given the base's hidden states (`base_kl.py`):
-        one forward for both."""
+        """`loss`, and Σ KL(base ‖ model) over kl_positions given the base's top-k distributions there
+        (`base_kl.py`, `loss.base_kl_sum`): one forward for both."""
         hidden = self(input_ids, position_ids, document_ids)
         loss = masked_lm_loss(hidden, self.head_weight, labels, num_trained_tokens, backend=self.backends.loss)
-        return loss, base_kl_sum(hidden, self.head_weight, base_hidden, base_head_weight, kl_positions)
+        return loss, base_kl_sum(hidden, self.head_weight, kl_positions, base_ids, base_probs, base_rest)
 
     def sequence_log_probs(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         """(B,) Σ log p(label) over each row's trained positions (DPO's log π(y|x)); labels shifted, -100 elsewhere."""

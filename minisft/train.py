@@ -74,6 +74,9 @@ class TrainConfig:
     # λ of a pull toward the model as it started, against forgetting: SFT's loss + λ · KL(base ‖ model)
     # on the prompts' tokens, the ones SFT does not train (base_kl.py; 0: off). SFT only.
     base_kl: float = 0.0
+    # The base's distributions are kept as their k likeliest tokens plus the rest's mass, computed once
+    # before the first step: 8k + 4 bytes per prompt token, in CPU memory (the vocabulary size: exact).
+    base_kl_top_k: int = 64
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_checkpoints")
@@ -85,6 +88,10 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 0, got {getattr(self, name)}")
         if self.base_kl < 0:
             raise ValueError(f"train.base_kl must be at least 0 (0: off), got {self.base_kl}")
+        if self.base_kl_top_k < 1:
+            raise ValueError(f"train.base_kl_top_k must be at least 1, got {self.base_kl_top_k}")
+        if self.base_kl_top_k != 64 and not self.base_kl:
+            raise ValueError("train.base_kl_top_k does nothing without train.base_kl > 0")
         if self.base_kl and self.fsdp:
             raise ValueError("train.base_kl with train.fsdp is not supported: the base's forward is not sharded")
         if self.lr <= 0:
@@ -284,7 +291,8 @@ def train_loop(
     write_extra: Callable[[Path], None] | None = None,
     objective: Objective | None = None,
 ) -> dict[str, float]:
-    """Train in place; append every logged number to run_dir/metrics.jsonl; return the last eval.
+    """Train in place; append every logged number to run_dir/metrics.jsonl; return the last eval (and
+    with train.base_kl, the seconds its base's distributions took).
 
     pack_to=0: each micro-batch is `batch_size` examples, padded. pack_to=N: the training set is
     packed once into rows of N tokens (best-fit decreasing, `packing.py`) and each micro-batch is
@@ -299,7 +307,8 @@ def train_loop(
     same batches, losses and (on CPU, bitwise) weights as a run never interrupted. Logging, eval
     bookkeeping, checkpoints and the NaN guard are `bookkeeping.py`'s. `objective` is SFT's
     unless given (DPO: `dpo.py`); items are then whatever it collates. cfg.base_kl > 0 adds SFT's
-    pull toward the model as it is when the loop starts (`base_kl.py`), before any checkpoint is restored.
+    pull toward the model as it is when the loop starts (`base_kl.py`): its distributions over the
+    training set are computed first, before any checkpoint is restored.
     """
     if cfg.base_kl and objective is not None:
         raise ValueError("train.base_kl adds to SFT's token loss, not to another objective's")
@@ -309,13 +318,14 @@ def train_loop(
     model.checkpoint_blocks = cfg.activation_checkpointing
     torch.manual_seed(cfg.seed)
     replica = Replica(model, cfg.fsdp)  # before the optimizer: FSDP2 replaces the parameters by shards
+    items = stream_items(train_set, pack_to, label)
     if cfg.base_kl:  # after DDP's broadcast (every rank's base is rank 0's), before a resume's restore
         from minisft.base_kl import BaseKL  # here, not at the top: base_kl.py builds on this file's Objective
 
-        objective = BaseKL(model, cfg.base_kl, pad_id)
+        objective = BaseKL(cfg.base_kl, pad_id)
+        items = objective.with_base(model, items, cfg, label)
     objective = objective or Objective()
     optimizer = make_optimizer(model, cfg)
-    items = stream_items(train_set, pack_to, label)
     books = Bookkeeper(Path(run_dir), cfg, label, replica, optimizer, resume, write_extra)
     stream = example_stream(items, cfg.batch_size, cfg.seed, skip=books.state.micro_batches)
     model.train()
@@ -354,4 +364,5 @@ def train_loop(
             books.stop_early()
             break
     books.close()
-    return last_eval | {"skipped_steps": books.state.skipped_steps, "last_step": books.state.step}
+    result = last_eval | {"skipped_steps": books.state.skipped_steps, "last_step": books.state.step}
+    return result | ({"base_kl_seconds": objective.seconds} if cfg.base_kl else {})

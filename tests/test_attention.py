@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_kernels.attention import attention, attention_reference
-from triton_kernels.documents import document_mask
+from triton_kernels.documents import document_spans
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -148,7 +148,7 @@ def test_a_repeated_id_starts_a_new_document():
     torch.testing.assert_close(attention_reference(q, k, v, ids), ours[0], atol=1e-5, rtol=1e-5)
     from minisft.model import attention_torch  # the model's PyTorch backend reads ids the same way
 
-    torch.testing.assert_close(attention_torch(q, k, v, document_mask(ids)), ours[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention_torch(q, k, v, document_spans(ids)), ours[0], atol=1e-5, rtol=1e-5)
 
 
 def test_unsupported_inputs_are_clear_errors():

@@ -10,7 +10,9 @@ starts in (j, i].
 Both forms below come from `document_starts`, and the model computes the one its backend reads
 once per forward, for all its layers:
 
-    document_mask     (B, 1, T, T) bool, causal and within a document: what SDPA and the reference take
+    document_mask     (B, 1, T, T) bool, causal and within a document: what the reference takes
+    document_spans    each row's documents as (start, end) pairs: what the model's SDPA backend reads,
+                      so it runs causal attention on each document alone instead of a masked (T, T)
     document_bounds   (doc_start, doc_end), each (B, T) int32: what the flash-attention kernel reads, so
                       it can skip whole blocks of other documents without a (T, T) mask in memory
 """
@@ -33,6 +35,17 @@ def document_mask(document_ids: Tensor) -> Tensor:
     T = document_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
     return (causal & (runs[:, :, None] == runs[:, None, :]))[:, None]
+
+
+def document_spans(document_ids: Tensor) -> list[list[tuple[int, int]]]:
+    """(B, T) document ids -> for each row, its documents' (start, end) index pairs, in order. Python
+    ints: on a GPU reading them is a sync (the model makes them once per forward)."""
+    T = document_ids.shape[1]
+    spans = []
+    for row in document_starts(document_ids).tolist():
+        starts = [t for t, first in enumerate(row) if first]
+        spans.append(list(zip(starts, [*starts[1:], T], strict=True)))
+    return spans
 
 
 def document_bounds(document_ids: Tensor) -> tuple[Tensor, Tensor]:
