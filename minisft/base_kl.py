@@ -18,10 +18,11 @@ The base never changes, so its distributions are computed once, before the first
 forward over the training set, as DPO's reference log-probs are (`dpo.py`) — and kept cut to their
 `train.base_kl_top_k` likeliest tokens plus the rest's mass (`loss.top_k_distributions`; the KL
 is then taken through those k + 1 buckets, `loss.base_kl_sum`). No second model is held and no
-step runs the base: a step pays only its own logits over P (each chunk's recomputed in the
-backward, as the PyTorch token loss recomputes its). The kept distributions cost
+step runs the base: a step pays only its own logits over P, two matmuls a chunk (the gradient is
+made in the forward, while the chunk's logits exist). The kept distributions cost
 |P| · (8k + 4) bytes of CPU memory — printed when they are made. A resumed run makes them again
-from the model it is given, before its checkpoint is restored, so its base is the same.
+from the model it is given, before its checkpoint is restored, so its base is the same. Under
+torchrun every rank makes them all: which rows a rank trains changes every epoch.
 The step's `base_kl` (Σ KL / |P|) is logged with the loss, which then holds both terms.
 """
 
@@ -107,9 +108,10 @@ class BaseKL(Objective):
         self.seconds = time.perf_counter() - start  # what the run spent on them, beside its steps
         if ranks().is_main:
             positions, size = sum(len(d.rest) for d in found), sum(t.nbytes for d in found for t in d)
+            k = min(cfg.base_kl_top_k, model.head_weight.shape[0])
             print(
-                f"{label}: the base's next-token distributions at {positions:,} prompt positions, top "
-                f"{found[0].ids.shape[1]} each ({size / 2**20:.1f} MiB), in {self.seconds:.1f} s"
+                f"{label}: the base's next-token distributions at {positions:,} prompt positions, top {k} each "
+                f"({size / 2**20:.1f} MiB), in {self.seconds:.1f} s"
             )
         return list(zip(items, found, strict=True))
 

@@ -39,6 +39,10 @@ from torch.utils.checkpoint import checkpoint
 from minisft.labels import IGNORE_INDEX
 
 CHUNK_LOGITS = 2**24  # logits per chunk (64 MiB in fp32): 341 rows at SmolLM2's 49,152-token vocabulary
+# The base_kl term's chunks are a quarter of that (85 rows at 49k): it runs over every prompt row, at
+# the end of the forward, beside all the activations kept for the backward — with activation
+# checkpointing its few (rows, V) buffers were the largest thing alive (SmolLM2 LoRA: +0.33 GB at 64 MiB).
+KL_CHUNK_LOGITS = 2**22
 
 
 def _chunk_token_losses(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> Tensor:
@@ -57,10 +61,10 @@ def token_losses_torch(hidden: Tensor, head_weight: Tensor, labels: Tensor) -> t
     return torch.cat(losses), where
 
 
-def logit_chunks(rows: int, vocab: int) -> list[slice]:
-    """Slices of rows whose logits fit CHUNK_LOGITS; no row: one empty chunk (zero gradients, never a
-    missing graph)."""
-    step = max(1, CHUNK_LOGITS // vocab)
+def logit_chunks(rows: int, vocab: int, logits: int | None = None) -> list[slice]:
+    """Slices of rows whose logits fit `logits` (CHUNK_LOGITS); no row: one empty chunk (zero gradients,
+    never a missing graph)."""
+    step = max(1, (logits or CHUNK_LOGITS) // vocab)
     return [slice(start, start + step) for start in range(0, max(rows, 1), step)]
 
 
@@ -127,19 +131,20 @@ class _BucketedKL(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_head = torch.zeros_like(head_weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for c in logit_chunks(len(hidden), head_weight.shape[0]):
+        for c in logit_chunks(len(hidden), head_weight.shape[0], KL_CHUNK_LOGITS):
             h, ids, q_top, q_rest = hidden[c], top_ids[c].long(), top_probs[c], rest[c, None]
-            log_p = F.log_softmax((h @ head_weight.T).float(), dim=-1)
+            logits = (h @ head_weight.T).float()
+            log_p = logits.sub_(logits.logsumexp(-1, keepdim=True))  # in place: two (rows, V) buffers at most
+            log_p_top = log_p.gather(-1, ids)
             # log p(rest): the top k set to the most negative float, not -inf, so that an empty bucket
             # (k = V) gives a finite log and a zero gradient, not NaN.
             log_p_rest = log_p.scatter(-1, ids, torch.finfo(log_p.dtype).min).logsumexp(-1, keepdim=True)
             q = torch.cat([q_top, q_rest], dim=-1)
-            total += (torch.xlogy(q, q) - q * torch.cat([log_p.gather(-1, ids), log_p_rest], dim=-1)).sum()
+            total += (torch.xlogy(q, q) - q * torch.cat([log_p_top, log_p_rest], dim=-1)).sum()
             # dKL/dz_v = p_v − q_v in the top k, p_v − q_rest · p_v / p_rest outside it (p_v ≤ p_rest
             # there: the clamp only bounds the top k's values, which the scatter then replaces).
-            grad = log_p.exp() - q_rest * (log_p - log_p_rest).clamp_max(0).exp()
-            grad.scatter_(-1, ids, log_p.gather(-1, ids).exp() - q_top)
-            grad = grad.to(h.dtype)
+            grad = (log_p - log_p_rest).clamp_max_(0).exp_().mul_(-q_rest).add_(log_p.exp_())
+            grad = grad.scatter_(-1, ids, log_p_top.exp() - q_top).to(h.dtype)
             grad_hidden[c] = grad @ head_weight
             if grad_head is not None:
                 grad_head += grad.T @ h

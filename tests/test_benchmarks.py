@@ -163,7 +163,7 @@ def test_lora_benchmark_quick_mode_runs_every_side(tmp_path):
 def test_lora_benchmark_runs_the_pull_toward_the_base_on_both_sides(tmp_path):
     """bench_lora.py --quick --full 'kl=1' --lora 'r=4 kl=1', as a user runs it: each run a child that
     trains with train.base_kl, the full one compared with plain full fine-tuning, LoRA's verdict listing
-    both full runs."""
+    both full runs, and the seconds spent on the base's distributions counted in their tokens/s."""
     from minisft.gguf import packaged_smollm2
 
     if packaged_smollm2() is None:
@@ -176,6 +176,13 @@ def test_lora_benchmark_runs_the_pull_toward_the_base_on_both_sides(tmp_path):
     assert "- full (base_kl 1)," not in result.stdout  # a reference, no verdict of its own
     assert "- lora-4 (base_kl 1), against full: memory" in result.stdout
     assert "within 5 points: " in result.stdout and "full (base_kl 1)" in result.stdout.split("within 5 points: ")[1]
+    kept = [json.loads(path.read_text()) for path in (tmp_path / "runs").glob("*.json")]
+    for run in kept:  # the base's distributions, made before the first step, count in tokens/s
+        if "base_kl" in run["run"]:
+            assert run["setup_s"] > 0 and run["tokens_per_s"] < run["step_tokens_per_s"], run
+        elif "steps" in run:
+            assert run["setup_s"] == 0 and run["tokens_per_s"] == run["step_tokens_per_s"], run
+    assert sum("base_kl" in run["run"] for run in kept) == 4  # two runs, each with its probe
     bad = subprocess.run([*command[:3], "--full", "epochs=2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "--full 'epochs=2': needs kl=W" in bad.stderr and "Traceback" not in bad.stderr
 
