@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from minisft.errors import ConfigError
 from minisft.model import Transformer
 
 
@@ -54,7 +55,13 @@ def setup() -> Ranks:
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return Ranks()
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so the device "cuda" is this rank's GPU
+        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ConfigError(
+                f"torchrun started more processes on this machine than it has GPUs ({gpus}): use "
+                f"--nproc_per_node {gpus}, or CUDA_VISIBLE_DEVICES= to train on the CPU (gloo)"
+            )
+        torch.cuda.set_device(local_rank)  # so the device "cuda" is this rank's GPU
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return ranks()
 
@@ -98,13 +105,17 @@ def shard(model: Transformer) -> None:
     norm) the root's. The parameters become DTensors: build the optimizer after this."""
     # FSDP's modules are imported here, not at the top: torch.distributed.tensor alone takes ~1 s to
     # import, which every `python -m minisft` command would pay, FSDP or not.
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, src=0)  # rank 0's weights everywhere, as DDP does on construction
+    # The mesh on the model's device: FSDP's default is CUDA wherever a GPU exists, and a CUDA mesh
+    # over gloo (a CPU run on a GPU machine) crashed with a segfault.
+    mesh = init_device_mesh(model.embed_tokens.weight.device.type, (dist.get_world_size(),))
     for block in model.layers:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     # `loss` (not only `forward`) gathers the root's parameters: the tied head is used after forward.
     for method in TRAINING_METHODS:
         register_fsdp_forward_method(model, method)

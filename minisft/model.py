@@ -37,7 +37,7 @@ class ModelConfig:
     vocab_size: int = 512  # embedding rows; raised to fit the tokenizer (a multiple of 64) when smaller
     dim: int = 128  # the residual stream's width
     n_layers: int = 4  # transformer blocks
-    n_heads: int = 4  # query heads; head dim = dim / n_heads (16, 32, 64 or 128 for the Triton kernel)
+    n_heads: int = 4  # query heads; head dim = dim / n_heads (at most 128 for the Triton kernel)
     n_kv_heads: int = 2  # grouped-query attention: each K/V head serves n_heads // n_kv_heads Q heads
     ffn_dim: int = 384  # hidden width of the SwiGLU MLP
     max_seq_len: int = 256  # the longest sequence the model accepts

@@ -53,6 +53,16 @@ def pick_backends(config: RunConfig, device: torch.device) -> Backends:
     return Backends(attention=pick(config.attention), loss=pick(config.loss))
 
 
+def check_triton_head_dim(head_dim: int) -> None:
+    """Refuse, before any data is read, a head too wide for the Triton attention's tiles."""
+    from triton_kernels.attention import check_head_dim  # imported on use: triton is heavy
+
+    try:
+        check_head_dim(head_dim)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def chat_format(name: str, tokenizer: Tokenizer, train_on: str) -> ChatFormat:
     try:
         return make_chat_format(name, tokenizer, train_on)
@@ -136,6 +146,8 @@ def train(*, config: RunConfig, resume: bool = False, overwrite: bool = False) -
             config = replace(config, lora=attach_lora(model, config.lora, find_model_folder(config.init)))
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             print(f"LoRA r={config.lora.r} on {config.lora.targets}: {trained:,} parameters train")
+        if backends.attention == "triton":
+            check_triton_head_dim(config.model.head_dim)
         model = model.to(device)
 
         # 3. The data: conversations, or preference pairs for DPO.

@@ -1,8 +1,16 @@
 """Small helpers shared by several test files (pytest puts tests/ on sys.path)."""
 
 import math
+import os
 
+import pytest
 import torch
+
+# Where a CUDA GPU is and TRITON_INTERPRET is off, the Triton kernels run compiled, on CUDA tensors only.
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+# Tests that run the kernels on CPU-built models and tensors, in the interpreter (CI). On a GPU their
+# kernels are checked compiled by test_attention.py and test_cross_entropy.py instead.
+interpreter_only = pytest.mark.skipif(ON_GPU, reason="runs the Triton kernels on CPU tensors (the interpreter's way)")
 
 
 def sharpen_(model: torch.nn.Module, seed: int) -> torch.nn.Module:

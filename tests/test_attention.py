@@ -70,6 +70,8 @@ CASES = [  # B, T, H, Hkv, D, document lengths (None: one causal sequence per ro
     (2, 40, 4, 1, 32, [3, 3, 34]),  # GQA 4 (one K/V head)
     (1, 33, 2, 2, 64, [1, 31, 1]),  # 1-token documents at both ends
     (1, 17, 2, 1, 128, None),  # the largest head dim
+    (1, 37, 2, 1, 8, [20, 17]),  # head dims off the kernels' 16/32/64/128: zero-padded to the next
+    (2, 19, 2, 2, 24, None),
 ]
 
 
@@ -104,18 +106,19 @@ def test_packed_row_equals_each_document_alone(Hkv):
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the poisoned rows themselves reduce over NaN
 def test_blocks_of_other_documents_are_never_read():
-    """Documents on 16-token block edges; the first document's keys/values and the last one's
+    """Documents on block edges; the first document's keys/values and the last one's
     queries/gradients are NaN. A kernel that loaded those blocks and masked them afterwards would
     still turn 0 · NaN into NaN; skipping them leaves the middle document exact."""
-    lengths = [32, 16, 16]
-    q, k, v = make_qkv(1, 64, 2, 1, 16, torch.float32)
+    unit = 128 if ON_GPU else 16  # the largest tile side: the GPU's tiles are 16 to 128 wide
+    lengths = [2 * unit, unit, unit]
+    q, k, v = make_qkv(1, 4 * unit, 2, 1, 16, torch.float32)
     upstream = torch.randn_like(q)
     with torch.no_grad():
-        k[:, :32], v[:, :32] = float("nan"), float("nan")
-        q[:, 48:] = float("nan")
-    upstream[:, 48:] = float("nan")
+        k[:, : 2 * unit], v[:, : 2 * unit] = float("nan"), float("nan")
+        q[:, 3 * unit :] = float("nan")
+    upstream[:, 3 * unit :] = float("nan")
     out, dq, dk, dv = forward_backward(attention, q, k, v, document_ids(lengths), upstream)
-    middle = slice(32, 48)
+    middle = slice(2 * unit, 3 * unit)
     piece = [t.detach()[:, middle].clone().requires_grad_() for t in (q, k, v)]
     expected = forward_backward(attention_reference, *piece, None, upstream[:, middle])
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), expected, strict=True):
@@ -155,12 +158,26 @@ def test_unsupported_inputs_are_clear_errors():
     q, k, v = make_qkv(1, 8, 4, 3, 16, torch.float32)
     with pytest.raises(ValueError, match="4 query heads cannot share 3"):
         attention(q, k, v)
-    q, k, v = make_qkv(1, 8, 2, 2, 24, torch.float32)
-    with pytest.raises(ValueError, match="head dim 24"):
+    q, k, v = make_qkv(1, 8, 2, 2, 256, torch.float32)
+    with pytest.raises(ValueError, match="head dim 256 is over the Triton attention's 128"):
         attention(q, k, v)
     q, k, v = make_qkv(1, 8, 2, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="must share a dtype"):
         attention(q, k.half(), v)
+
+
+def test_train_refuses_a_head_too_wide_for_the_triton_attention(tmp_path, capsys):
+    """attention = "triton" on a model with 256-wide heads: one line naming the fix, before any step."""
+    from test_resume import write_train_files
+
+    from minisft.__main__ import main
+
+    config = write_train_files(tmp_path, "n_heads = 1\nn_kv_heads = 1\n[train]\nsteps = 2\n")
+    args = ["--model.dim", "256", "--attention", "triton"]
+    assert main(["train", "--config", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert "head dim 256 is over the Triton attention's 128: use attention = 'torch'" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -29,7 +29,7 @@ from minisft.model import Backends
 from minisft.packing import Batch, pack_examples, pad_batch
 from minisft.train import evaluate, train_loop
 
-from helpers import sharpen_
+from helpers import interpreter_only, sharpen_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -249,6 +249,7 @@ def test_train_loop_refuses_base_kl_with_another_objective(tmp_path):
         train_loop(tiny_model(), TRAIN, {}, KL_CFG, 0, tmp_path, objective=BaseKL(1.0, 0))
 
 
+@interpreter_only
 def test_on_the_triton_kernels_it_equals_the_torch_path():
     found = {}
     for backend in ("torch", "triton"):

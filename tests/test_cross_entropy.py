@@ -234,7 +234,7 @@ def test_linear_log_probs_sum_each_sequence_like_full_logits(dtype):
         sum(logp[b, t, labels[b, t]].item() for t in range(length) if labels[b, t] != -100) for b in range(batch)
     ]
     torch.testing.assert_close(
-        linear_log_probs_reference(hidden.float(), weight.float(), labels), torch.tensor(by_hand)
+        linear_log_probs_reference(hidden.float(), weight.float(), labels), torch.tensor(by_hand, device=DEVICE)
     )
 
 
@@ -345,8 +345,8 @@ def test_training_step_with_triton_backend_equals_torch_backend():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         batches = [Batch(input_ids[:2], labels[:2]), Batch(input_ids[2:], labels[2:])]  # accumulation, as in training
         losses[kernels], norms[kernels], _ = optimizer_step(
-            Replica(model), optimizer, batches, num_trained, grad_clip=1.0
-        )
+            Replica(model), optimizer, batches, num_trained, grad_clip=1.0, precision="fp32"
+        )  # fp32 on a GPU too, where "auto" is bf16 autocast
     torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(norms["triton"], norms["torch"], atol=1e-6, rtol=1e-6)
     for (name, p_torch), p_triton in zip(
@@ -401,6 +401,8 @@ def test_every_launch_is_a_declared_launch_config(monkeypatch):
             logits, labels = make_inputs(2, vocab, dtype)
             ce.cross_entropy(logits, labels)
         linear_cross_entropy(
-            torch.randn(5, 8, dtype=dtype), torch.randn(48, 8, dtype=dtype), torch.randint(0, 48, (5,))
+            torch.randn(5, 8, dtype=dtype, device=DEVICE),
+            torch.randn(48, 8, dtype=dtype, device=DEVICE),
+            torch.randint(0, 48, (5,), device=DEVICE),
         )
     assert launched and set(launched) <= declared, set(launched) - declared

@@ -127,6 +127,7 @@ def test_torchrun_fsdp_train_command_saves_the_final_model(tmp_path):
 
     config = write_train_files(tmp_path, "[train]\nsteps = 4\nbatch_size = 4\nsave_every = 2\neval_every = 2\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # two CPU ranks (gloo), also on a machine with one GPU
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "minisft", "train", "--config", str(config), "--train.fsdp", "true"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -143,3 +144,17 @@ def test_torchrun_fsdp_train_command_saves_the_final_model(tmp_path):
     single, _, _ = load_model(tmp_path / "one" / "checkpoints" / "final")
     for name, value in single.state_dict().items():
         torch.testing.assert_close(final[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+def test_more_ranks_than_gpus_is_one_clear_error(monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: a ConfigError naming the fix (the CLI prints
+    it in one line), not CUDA's "invalid device ordinal" from deep inside torch."""
+    from minisft import distributed
+    from minisft.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"than it has GPUs \(1\): use --nproc_per_node 1, or CUDA_VISIBLE_DEVICES="):
+        distributed.setup()

@@ -36,6 +36,8 @@ from minisft.packing import pad_batch
 from minisft.tokenizer import Tokenizer
 from minisft.train import TrainConfig, make_optimizer, train_loop
 
+from helpers import interpreter_only
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -288,6 +290,7 @@ def test_chat_finds_best_after_a_save_died_between_its_renames(tok, tmp_path, ca
 # ---------------------------------------------------------------- 8. fused linear CE: ∂W in fp32
 
 
+@interpreter_only
 def test_fused_linear_cross_entropy_accumulates_the_weight_gradient_in_fp32(monkeypatch):
     """bf16 hidden and weight: ∂W summed over 128 one-row chunks equals ∂W of one chunk of 128 rows
     (one matmul, accumulated in fp32 inside it) to the final rounding to bf16. Summing the 128

@@ -19,7 +19,7 @@ from minisft.hf import CheckpointError, export_hf, load_hf
 from minisft.model import Backends
 from minisft.tokenizer import Tokenizer
 
-from helpers import sharpen_
+from helpers import interpreter_only, sharpen_
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -196,6 +196,7 @@ def test_cached_generation_equals_transformers_greedy_generate(variant, tokenize
     assert generate(ours, prompts, 24, set()) == expected  # batched, left-padded, cached
 
 
+@interpreter_only
 def test_qwen3_on_the_triton_kernels_equals_transformers_and_the_torch_path(tokenizer, tmp_path):
     """Backends("triton", "triton") (run by the interpreter here): q/k norms and head_dim 16 != 32 / 4 go through
     the flash-attention and fused linear + cross-entropy kernels; logits equal transformers', and the

@@ -15,7 +15,7 @@ from minisft.model import Backends
 from minisft.packing import pack_examples, packed_batch
 from minisft.train import TrainConfig, make_optimizer
 
-from helpers import assert_packed_equals_alone, sharpen_
+from helpers import assert_packed_equals_alone, interpreter_only, sharpen_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,6 +188,7 @@ def test_dropout_touches_only_the_adapter_path_and_is_off_in_eval():
     torch.testing.assert_close(model.logits(model(ids)), model.logits(model(ids)), atol=0, rtol=0)
 
 
+@interpreter_only
 def test_lora_on_the_triton_kernels_equals_the_torch_path():
     models = {}
     for backend in ("torch", "triton"):

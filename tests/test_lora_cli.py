@@ -23,6 +23,8 @@ from minisft.peft_format import attach_lora, write_adapter
 from minisft.pretrained import SavedModel
 from minisft.tokenizer import Tokenizer
 
+from helpers import ON_GPU
+
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -170,7 +172,8 @@ def test_adapters_made_by_peft_load_chat_and_train_in_minisft(base, tmp_path, ca
     assert generate(ours, [prompt], 8, {chat.end_id, tok.eos_id})[0] == new
     capsys.readouterr()
     assert main(["chat", str(adapter), "--prompt", "sort b a", "--max_new_tokens", "8", "--chat_format", "chatml"]) == 0
-    assert capsys.readouterr().out == tok.decode(new).strip() + "\n"
+    if not ON_GPU:  # on a GPU chat runs in bf16, whose greedy text need not be fp32's
+        assert capsys.readouterr().out == tok.decode(new).strip() + "\n"
 
     # train --init BASE --adapter DIR starts from PEFT's adapters (a tiny lr: they barely move)
     assert main(train_args(base, tmp_path / "run", "--adapter", str(adapter), "--lr", "1e-9", "--steps", "2")) == 0

@@ -13,6 +13,8 @@ import torch
 
 from minisft.model import Backends, ModelConfig, Transformer, rotary_frequencies
 
+from helpers import interpreter_only
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -277,6 +279,7 @@ def test_resize_vocab_keeps_old_rows_and_starts_new_ones_at_the_mean(tie):
     assert sum(p.numel() for p in model.parameters()) == model.config.num_params()
 
 
+@interpreter_only
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_packed_documents_are_prepared_once_per_forward_for_all_layers(monkeypatch, backend):
     """The (B, 1, T, T) mask (torch) or the kernel's document bounds (Triton) are built once per

@@ -48,6 +48,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -259,14 +260,19 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"expected q (B, T, H, D) and k, v (B, T, Hkv, D); got {q.shape}, {k.shape}, {v.shape}")
     if H % Hkv:
         raise ValueError(f"{H} query heads cannot share {Hkv} key/value heads evenly")
-    if D not in (16, 32, 64, 128):
-        raise ValueError(f"head dim {D} is not supported; use 16, 32, 64 or 128")
+    check_head_dim(D)
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim > HEAD_DIMS[-1]:
+        raise ValueError(f"head dim {head_dim} is over the Triton attention's {HEAD_DIMS[-1]}: use attention = 'torch'")
 
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, doc_start: Tensor | None, doc_end: Tensor | None) -> Tensor:
-        _check(q, k, v)
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, doc_start: Tensor | None, doc_end: Tensor | None, sm_scale: float
+    ) -> Tensor:
         # Contiguous, so the gradients (empty_like) share the inputs' strides; a no-op in the model.
         q, k, v = (t.contiguous() for t in (q, k, v))
         (B, T, H, D), group = q.shape, q.shape[2] // k.shape[2]
@@ -279,10 +285,10 @@ class AttentionFunction(torch.autograd.Function):
         precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 tests want exact fp32 dots
         attention_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
             q, k, v, o, lse, doc_start, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            T, H, group, LOG2_E / math.sqrt(D), HEAD_DIM=D, PRECISION=precision, **cfg,
+            T, H, group, LOG2_E * sm_scale, HEAD_DIM=D, PRECISION=precision, **cfg,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
-        ctx.precision = precision
+        ctx.precision, ctx.sm_scale = precision, sm_scale
         return o
 
     @staticmethod
@@ -298,7 +304,7 @@ class AttentionFunction(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = dict(HEAD_DIM=D, PRECISION=ctx.precision)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-        scales = (LOG2_E / math.sqrt(D), 1 / math.sqrt(D))
+        scales = (LOG2_E * ctx.sm_scale, ctx.sm_scale)
         cfg = _tiles(q.device, "dkdv")
         attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * k.shape[2])](
             q, k, v, do, lse, delta, dk, dv, doc_end, *strides, T, H, group, *scales, **common, **cfg
@@ -307,7 +313,7 @@ class AttentionFunction(torch.autograd.Function):
         attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
             q, k, v, do, lse, delta, dq, doc_start, *strides, T, H, group, *scales, **common, **cfg
         )
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def attention(
@@ -319,10 +325,19 @@ def attention(
     attends only to earlier tokens of its own document. A caller that attends many times over the
     same documents (the model: once per layer) passes `bounds = document_bounds(document_ids)`,
     computed once, instead.
+
+    The kernels are built for head dims 16, 32, 64 and 128 (HEAD_DIMS); any other up to 128 is
+    zero-padded to the next one (the scale stays 1/√D), at the cost of a copy of q, k and v.
     """
+    _check(q, k, v)
     if bounds is None and document_ids is not None:
         bounds = document_bounds(document_ids)
-    return AttentionFunction.apply(q, k, v, *(bounds or (None, None)))
+    D = q.shape[-1]
+    block_d = next(d for d in HEAD_DIMS if d >= D)
+    if block_d != D:  # zero columns add nothing to q·k and make zero output columns, cut off again
+        q, k, v = (F.pad(t, (0, block_d - D)) for t in (q, k, v))
+    out = AttentionFunction.apply(q, k, v, *(bounds or (None, None)), 1 / math.sqrt(D))
+    return out[..., :D]
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
