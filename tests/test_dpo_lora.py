@@ -49,7 +49,7 @@ def dpo_args(init: Path, pairs: Path, out: Path, *extra: str) -> list[str]:
     return [
         "dpo", "--init", str(init), "--data.train_file", str(pairs), "--out_dir", str(out), "--steps", "6",
         "--batch_size", "4", "--lr", "5e-2", "--warmup_steps", "1", "--log_every", "1", "--save_every", "3",
-        "--eval_every", "0", "--dpo.beta", "0.5", *extra,
+        "--eval_every", "0", "--dpo.beta", "0.5", "--train.precision", "fp32", *extra,  # fp32 on a GPU too
     ]  # fmt: skip
 
 
