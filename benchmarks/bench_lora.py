@@ -13,8 +13,9 @@ trains every weight at lr 2e-4 (the demo's) for `--epochs` (default 1 epoch, 48 
 2), and for every other epoch count a LoRA run asks for. Each `--lora` is a LoRA run: 'r=R' alone is
 the demo's LoRA (`demo_lora`: all seven projections, alpha = 2r, lr 1e-3, the frozen base in fp32,
 `--epochs`); `alpha=`, `epochs=`, `lr=`, `rslora=1`, `targets=q,k,v,o`, `base=bf16`
-(`lora.base_dtype`) and `kl=W` (`train.base_kl`: the pull toward the base model on the prompts,
-`minisft/base_kl.py`) change one setting (default: r=8, r=16 and r=64). Each `--full` is a full
+(`lora.base_dtype`), `kl=W` (`train.base_kl`: the pull toward the base model on the prompts,
+`minisft/base_kl.py`) and `every=N` (`train.base_kl_every`: the pull on every N-th prompt position)
+change one setting (default: r=8, r=16 and r=64). Each `--full` is a full
 fine-tuning run with the pull (`kl=`, and `epochs=`), beside the plain ones: its row is compared with
 plain full fine-tuning of its epochs, as every run's is, and it joins the full runs each verdict lists
 within 5 points, so LoRA with the pull is read against full fine-tuning with it too.
@@ -92,7 +93,7 @@ def parse_lora(text: str, epochs: int) -> dict:
     """'r=16 epochs=2 lr=5e-4 rslora=1 targets=q,k,v,o base=bf16' -> a LoRA run's settings (the demo's
     otherwise: alpha = 2r, lr 1e-3, all seven projections, the base in fp32, --epochs)."""
     fields = dict(item.split("=", 1) for item in text.split())
-    known = ("r", "alpha", "epochs", "lr", "rslora", "targets", "base", "kl")
+    known = ("r", "alpha", "epochs", "lr", "rslora", "targets", "base", "kl", "every")
     if set(fields) - set(known) or "r" not in fields or fields.get("base", "fp32") not in ("fp32", "bf16"):
         sys.exit(f"bench_lora: --lora {text!r}: needs r=R, and knows {', '.join(known)} (base=fp32 or bf16)")
     r = int(fields["r"])
@@ -112,21 +113,22 @@ def parse_full(text: str, epochs: int) -> dict:
     bench runs anyway (of --epochs and of every run's epochs)."""
     fields = dict(item.split("=", 1) for item in text.split())
     spec = {"epochs": int(fields.get("epochs", epochs))} | base_kl_field(fields, f"--full {text!r}")
-    if set(fields) - {"epochs", "kl"} or "base_kl" not in spec:  # else it is a plain run the bench has anyway
-        sys.exit(f"bench_lora: --full {text!r}: needs kl=W (W > 0), and knows epochs")
+    if set(fields) - {"epochs", "kl", "every"} or "base_kl" not in spec:  # else a plain run the bench has anyway
+        sys.exit(f"bench_lora: --full {text!r}: needs kl=W (W > 0), and knows epochs and every")
     return spec
 
 
 def base_kl_field(fields: dict, where: str) -> dict:
-    """kl=W -> {"base_kl": W}: train.base_kl, the pull toward the base (`minisft/base_kl.py`); nothing at
-    0 or without it, so the keys of runs kept before it existed stay valid."""
+    """kl=W every=N -> {"base_kl": W, "base_kl_every": N}: train.base_kl, the pull toward the base
+    (`minisft/base_kl.py`), on every N-th prompt position; nothing at their defaults (0, 1), so the keys
+    of runs kept before they existed stay valid."""
     try:
-        weight = float(fields.get("kl", 0))
+        weight, every = float(fields.get("kl", 0)), int(fields.get("every", 1))
     except ValueError:
-        weight = -1.0
-    if not weight >= 0:  # NaN too
-        sys.exit(f"bench_lora: {where}: kl must be a number, at least 0")
-    return {"base_kl": weight} if weight else {}
+        weight, every = -1.0, 0
+    if not weight >= 0 or every < 1 or (every > 1 and not weight):  # NaN too
+        sys.exit(f"bench_lora: {where}: kl must be a number, at least 0; every an integer ≥ 1, with kl")
+    return ({"base_kl": weight} if weight else {}) | ({"base_kl_every": every} if every > 1 else {})
 
 
 def run_name(spec: dict, epochs: int) -> str:
@@ -139,7 +141,8 @@ def run_name(spec: dict, epochs: int) -> str:
         extras += [spec["targets"]] * (spec["targets"] != "q,k,v,o,gate,up,down")
         extras += ["bf16 base"] * (spec["base_dtype"] == "bf16")
     if spec.get("base_kl"):
-        extras.append(f"base_kl {spec['base_kl']:g}")
+        every = f" every {spec['base_kl_every']}" if spec.get("base_kl_every") else ""
+        extras.append(f"base_kl {spec['base_kl']:g}{every}")
     name = f"lora-{spec['r']}" if spec.get("r") else "full"
     return name + (f" ({', '.join(extras)})" if extras else "")
 
@@ -183,7 +186,10 @@ def run_child(args: argparse.Namespace) -> dict:
     steps_per_epoch = math.ceil(len(pack_examples(train_set, cfg.pack_to)) / cfg.rows_per_step)
     train_cfg = replace(demo_train_config(cfg, steps_per_epoch, args.threads), eval_every=0, log_every=4)
     train_cfg = replace(
-        train_cfg, activation_checkpointing=spec.get("checkpointing", False), base_kl=spec.get("base_kl", 0.0)
+        train_cfg,
+        activation_checkpointing=spec.get("checkpointing", False),
+        base_kl=spec.get("base_kl", 0.0),
+        base_kl_every=spec.get("base_kl_every", 1),
     )
     if spec.get("probe"):  # a few steps, no evaluation: the peak is reached by the second step
         train_cfg, eval_sets = replace(train_cfg, steps=spec["probe"], log_every=1), {}

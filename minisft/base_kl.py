@@ -63,14 +63,16 @@ class AnchoredBatch(NamedTuple):
     base_rest: Tensor  # (|P|,)
 
 
-def anchored_positions(batch: Batch | AnchoredBatch, pad_id: int) -> Tensor:
-    """(B, T) bool: the real tokens whose next token SFT takes no loss on (the prompts)."""
-    return (batch.labels == IGNORE_INDEX) & (batch.input_ids != pad_id)
+def anchored_positions(batch: Batch | AnchoredBatch, pad_id: int, every: int = 1) -> Tensor:
+    """(B, T) bool: the real tokens whose next token SFT takes no loss on (the prompts), in the
+    columns t with t % every == 0 (an item's columns do not depend on its batch: rows are right-padded)."""
+    columns = torch.arange(batch.labels.shape[1], device=batch.labels.device)
+    return (batch.labels == IGNORE_INDEX) & (batch.input_ids != pad_id) & (columns % every == 0)
 
 
 @torch.no_grad()
 def base_distributions(
-    model: Transformer, items: list[Item], pad_id: int, top_k: int, batch_size: int, precision: str
+    model: Transformer, items: list[Item], pad_id: int, top_k: int, batch_size: int, precision: str, every: int = 1
 ) -> list[BaseDistributions]:
     """Each item's (an example, or a packed row of them) anchored distributions under `model` as it is
     now, in eval mode, batch_size items a forward. An item's anchored positions do not depend on the
@@ -83,7 +85,7 @@ def base_distributions(
         ids, positions, documents = (None if t is None else t.to(device) for t in batch[:1] + batch[2:])
         with autocast(device, precision):  # as the loss will see the model's own: bf16 matmuls on a GPU
             hidden = model(ids, positions, documents)
-            for row, anchored in zip(hidden, anchored_positions(batch, pad_id).to(device), strict=True):
+            for row, anchored in zip(hidden, anchored_positions(batch, pad_id, every).to(device), strict=True):
                 kept = top_k_distributions(row[anchored], model.head_weight, top_k)
                 found.append(BaseDistributions(*(t.cpu() for t in kept)))
     model.train(was_training)
@@ -96,15 +98,17 @@ class BaseKL(Objective):
 
     stats = ("base_kl",)
 
-    def __init__(self, weight: float, pad_id: int) -> None:
-        self.weight, self.pad_id = weight, pad_id
+    def __init__(self, weight: float, pad_id: int, every: int = 1) -> None:
+        self.weight, self.pad_id, self.every = weight, pad_id, every
         self.anchored = 0  # |P| of the current step, set by `count`
         self.seconds = 0.0  # spent making the base's distributions (`with_base`)
 
     def with_base(self, model: Transformer, items: list[Item], cfg: TrainConfig, label: str) -> list[tuple]:
         """items paired with their base distributions under `model` as it is now: the base."""
         start = time.perf_counter()
-        found = base_distributions(model, items, self.pad_id, cfg.base_kl_top_k, cfg.batch_size, cfg.precision)
+        found = base_distributions(
+            model, items, self.pad_id, cfg.base_kl_top_k, cfg.batch_size, cfg.precision, self.every
+        )
         self.seconds = time.perf_counter() - start  # what the run spent on them, beside its steps
         if ranks().is_main:
             positions, size = sum(len(d.rest) for d in found), sum(t.nbytes for d in found for t in d)
@@ -129,7 +133,7 @@ class BaseKL(Objective):
     def loss(self, replica: Replica, batch: AnchoredBatch, normaliser: int) -> tuple[Tensor, list[Tensor]]:
         token_loss, kl_sum = replica.run(
             "loss_and_base_kl", batch.input_ids, batch.labels, normaliser, batch.position_ids, batch.document_ids,
-            anchored_positions(batch, self.pad_id), batch.base_ids, batch.base_probs, batch.base_rest,
+            anchored_positions(batch, self.pad_id, self.every), batch.base_ids, batch.base_probs, batch.base_rest,
         )  # fmt: skip
         kl = kl_sum / max(self.anchored, 1)
         return token_loss + self.weight * kl, [kl.detach()]

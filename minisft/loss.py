@@ -42,6 +42,8 @@ CHUNK_LOGITS = 2**24  # logits per chunk (64 MiB in fp32): 341 rows at SmolLM2's
 # The base_kl term's chunks are a quarter of that (85 rows at 49k): it runs over every prompt row, at
 # the end of the forward, beside all the activations kept for the backward — with activation
 # checkpointing its few (rows, V) buffers were the largest thing alive (SmolLM2 LoRA: +0.33 GB at 64 MiB).
+# The base's pass before the first step (`top_k_distributions`) uses them too: its softmax, top-k and
+# scatter copies of a 64 MiB chunk were the next largest.
 KL_CHUNK_LOGITS = 2**22
 
 
@@ -115,7 +117,8 @@ def top_k_distributions(hidden: Tensor, head_weight: Tensor, k: int) -> tuple[Te
     (n, k) int32, their probabilities (n, k) fp32, and the rest's mass (n,) fp32 (what `base_kl_sum`
     takes as the base's). Chunked: no (n, V) logits."""
     k = min(k, head_weight.shape[0])
-    parts = [_chunk_top_k(hidden[c], head_weight, k) for c in logit_chunks(len(hidden), head_weight.shape[0])]
+    chunks = logit_chunks(len(hidden), head_weight.shape[0], KL_CHUNK_LOGITS)
+    parts = [_chunk_top_k(hidden[c], head_weight, k) for c in chunks]
     return tuple(torch.cat(columns) for columns in zip(*parts, strict=True))
 
 

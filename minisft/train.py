@@ -77,6 +77,9 @@ class TrainConfig:
     # The base's distributions are kept as their k likeliest tokens plus the rest's mass, computed once
     # before the first step: 8k + 4 bytes per prompt token, in CPU memory (the vocabulary size: exact).
     base_kl_top_k: int = 64
+    # Pull on every n-th prompt position only (column t of an item with t % n == 0): the base's pass
+    # and each step's pull cost ~1/n as much in their LM head and KL; the body's forward stays.
+    base_kl_every: int = 1
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_checkpoints")
@@ -92,6 +95,10 @@ class TrainConfig:
             raise ValueError(f"train.base_kl_top_k must be at least 1, got {self.base_kl_top_k}")
         if self.base_kl_top_k != 64 and not self.base_kl:
             raise ValueError("train.base_kl_top_k does nothing without train.base_kl > 0")
+        if self.base_kl_every < 1:
+            raise ValueError(f"train.base_kl_every must be at least 1 got {self.base_kl_every}")
+        if self.base_kl_every != 1 and not self.base_kl:
+            raise ValueError("train.base_kl_every does nothing without train.base_kl > 0")
         if self.base_kl and self.fsdp:
             raise ValueError("train.base_kl with train.fsdp is not supported: the base's forward is not sharded")
         if self.lr <= 0:
@@ -322,7 +329,7 @@ def train_loop(
     if cfg.base_kl:  # after DDP's broadcast (every rank's base is rank 0's), before a resume's restore
         from minisft.base_kl import BaseKL  # here, not at the top: base_kl.py builds on this file's Objective
 
-        objective = BaseKL(cfg.base_kl, pad_id)
+        objective = BaseKL(cfg.base_kl, pad_id, cfg.base_kl_every)
         items = objective.with_base(model, items, cfg, label)
     objective = objective or Objective()
     optimizer = make_optimizer(model, cfg)
