@@ -24,6 +24,11 @@ made in the forward, while the chunk's logits exist). The kept distributions cos
 from the model it is given, before its checkpoint is restored, so its base is the same. Under
 torchrun every rank makes them all: which rows a rank trains changes every epoch.
 The step's `base_kl` (Σ KL / |P|) is logged with the loss, which then holds both terms.
+
+`train.base_kl_every = n` keeps only the prompt positions in columns 0, n, 2n, ... of each item: a
+sparser sample of the same average (the KL is a mean over P), for ~1/n of the LM head and KL work in
+the setup pass and in each step. The body's forward in the setup pass stays whole: position t's
+hidden state needs every token before it.
 """
 
 from __future__ import annotations
@@ -113,9 +118,10 @@ class BaseKL(Objective):
         if ranks().is_main:
             positions, size = sum(len(d.rest) for d in found), sum(t.nbytes for d in found for t in d)
             k = min(cfg.base_kl_top_k, model.head_weight.shape[0])
+            sampled = f" (every {self.every}th column)" if self.every > 1 else ""
             print(
-                f"{label}: the base's next-token distributions at {positions:,} prompt positions, top {k} each "
-                f"({size / 2**20:.1f} MiB), in {self.seconds:.1f} s"
+                f"{label}: the base's next-token distributions at {positions:,} prompt positions{sampled}, top {k} "
+                f"each ({size / 2**20:.1f} MiB), in {self.seconds:.1f} s"
             )
         return list(zip(items, found, strict=True))
 

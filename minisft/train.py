@@ -96,7 +96,7 @@ class TrainConfig:
         if self.base_kl_top_k != 64 and not self.base_kl:
             raise ValueError("train.base_kl_top_k does nothing without train.base_kl > 0")
         if self.base_kl_every < 1:
-            raise ValueError(f"train.base_kl_every must be at least 1 got {self.base_kl_every}")
+            raise ValueError(f"train.base_kl_every must be at least 1, got {self.base_kl_every}")
         if self.base_kl_every != 1 and not self.base_kl:
             raise ValueError("train.base_kl_every does nothing without train.base_kl > 0")
         if self.base_kl and self.fsdp:

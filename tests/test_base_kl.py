@@ -123,13 +123,19 @@ def test_anchored_positions_are_the_prompts_real_tokens():
         expected += [False] * (batch.input_ids.shape[1] - len(example.input_ids))  # the pads
         assert positions[row].tolist() == expected
     assert 0 < int(positions.sum()) < int((batch.labels == IGNORE_INDEX).sum())
+    every_third = anchored_positions(batch, pad_id=0, every=3)  # train.base_kl_every: columns 0, 3, 6, ...
+    for row in range(3):
+        expected = [t for t in range(0, positions.shape[1], 3) if positions[row, t]]
+        assert every_third[row].nonzero()[:, 0].tolist() == expected
 
 
-def pulled(model, items, weight: float = 0.5, top_k: int = 64, precision: str = "auto") -> tuple[BaseKL, list]:
+def pulled(
+    model, items, weight: float = 0.5, top_k: int = 64, precision: str = "auto", every: int = 1
+) -> tuple[BaseKL, list]:
     """The objective and its items, the base's distributions taken from `model` as it is now (as
     train_loop does before its first step)."""
-    objective = BaseKL(weight, pad_id=0)
-    cfg = replace(CFG, base_kl=weight, base_kl_top_k=top_k, precision=precision)
+    objective = BaseKL(weight, pad_id=0, every=every)
+    cfg = replace(CFG, base_kl=weight, base_kl_top_k=top_k, precision=precision, base_kl_every=every)
     return objective, objective.with_base(model, items, cfg, "test")
 
 
@@ -161,17 +167,18 @@ def test_at_step_zero_the_pull_is_zero_and_the_loss_is_sfts(start):
     torch.testing.assert_close(loss, model.loss(batch.input_ids, batch.labels, n), rtol=0, atol=3e-6)
 
 
+@pytest.mark.parametrize("every", [1, 3], ids=["every position", "every 3rd"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_the_objective_equals_sft_plus_weight_times_mean_kl_on_full_logits(lora):
+def test_the_objective_equals_sft_plus_weight_times_mean_kl_on_full_logits(lora, every):
     """Loss and every gradient against the definition: CE over answers / N + λ Σ_P KL / |P|, the base
     an independent copy of the starting weights, the model moved away from it first (top k = V: the
-    exact KL)."""
+    exact KL); with train.base_kl_every, P is the prompt positions in columns 0, every, 2·every, ..."""
     weight = 0.7
     base = sharpen_(tiny_model(vocab_size=50, seed=6), seed=6)
     model = sharpen_(tiny_model(vocab_size=50, seed=6), seed=6)
     if lora:
         apply_lora(model, LoRAConfig(r=4))
-    objective, items = pulled(model, EXAMPLES, weight, top_k=50)  # the base is taken now, before the model moves
+    objective, items = pulled(model, EXAMPLES, weight, top_k=50, every=every)  # the base: now, before the model moves
     if lora:
         randomise_adapters_(model, seed=6, std=0.1)
     else:
@@ -185,6 +192,7 @@ def test_the_objective_equals_sft_plus_weight_times_mean_kl_on_full_logits(lora)
     grads = torch.autograd.grad(loss, trained)
 
     positions = (batch.labels == IGNORE_INDEX) & (batch.input_ids != 0)
+    positions &= torch.arange(positions.shape[1]) % every == 0
     logits = model.logits(model(batch.input_ids))
     with torch.no_grad():
         base_logits = base.logits(base(batch.input_ids))
@@ -363,9 +371,12 @@ def run_args(root, out, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("lora", [[], ["--lora.r", "4", "--lora.dropout", "0.1"]], ids=["full", "lora"])
+@pytest.mark.parametrize(
+    "lora", [[], ["--lora.r", "4", "--lora.dropout", "0.1", "--train.base_kl_every", "2"]], ids=["full", "lora"]
+)
 def test_train_with_base_kl_from_the_command_line(started, tmp_path, lora, monkeypatch):
-    """`train --init BASE --train.base_kl 2 --train.base_kl_top_k 8`, full or LoRA: a finished run whose
+    """`train --init BASE --train.base_kl 2 --train.base_kl_top_k 8`, full or LoRA (every 2nd prompt
+    position): a finished run whose
     metrics log the pull, ~0 at step 1 (the model is its base) and positive after; the forgetting curve
     beside it; and the same run killed at step 3 and resumed ends bitwise where it did (the base as it
     started)."""
@@ -383,7 +394,7 @@ def test_train_with_base_kl_from_the_command_line(started, tmp_path, lora, monke
     assert len([r for r in lines if "eval_loss/plain_text" in r]) == 2
     assert (tmp_path / "run" / "checkpoints" / "final").is_dir()
     saved = load_config(tmp_path / "run" / "config.toml").train
-    assert (saved.base_kl, saved.base_kl_top_k) == (2.0, 8)
+    assert (saved.base_kl, saved.base_kl_top_k, saved.base_kl_every) == (2.0, 8, 2 if lora else 1)
     with monkeypatch.context() as patch:
         crash_at_step(patch, 3)
         with pytest.raises(Crash):
@@ -405,6 +416,8 @@ def test_train_with_base_kl_from_the_command_line(started, tmp_path, lora, monke
         (["--train.base_kl", "1", "--data.train_on", "all"], 'data.train_on = "all" leaves none'),
         (["--train.base_kl", "1", "--train.base_kl_top_k", "0"], "train.base_kl_top_k must be at least 1"),
         (["--train.base_kl_top_k", "8"], "train.base_kl_top_k does nothing without train.base_kl > 0"),
+        (["--train.base_kl", "1", "--train.base_kl_every", "0"], "train.base_kl_every must be at least 1, got 0"),
+        (["--train.base_kl_every", "4"], "train.base_kl_every does nothing without train.base_kl > 0"),
         (["--train.base_kl", "1", "--init", ""], "train.base_kl needs init"),
     ],
 )
@@ -420,4 +433,4 @@ def test_train_help_lists_base_kl(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "--train.base_kl " in out and "--train.base_kl_top_k " in out
+    assert "--train.base_kl " in out and "--train.base_kl_top_k " in out and "--train.base_kl_every " in out
