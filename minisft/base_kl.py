@@ -118,7 +118,7 @@ class BaseKL(Objective):
         if ranks().is_main:
             positions, size = sum(len(d.rest) for d in found), sum(t.nbytes for d in found for t in d)
             k = min(cfg.base_kl_top_k, model.head_weight.shape[0])
-            sampled = f" (every {self.every}th column)" if self.every > 1 else ""
+            sampled = f" (columns 0, {self.every}, {2 * self.every}, ...)" if self.every > 1 else ""
             print(
                 f"{label}: the base's next-token distributions at {positions:,} prompt positions{sampled}, top {k} "
                 f"each ({size / 2**20:.1f} MiB), in {self.seconds:.1f} s"
