@@ -25,10 +25,10 @@ from the model it is given, before its checkpoint is restored, so its base is th
 torchrun every rank makes them all: which rows a rank trains changes every epoch.
 The step's `base_kl` (Σ KL / |P|) is logged with the loss, which then holds both terms.
 
-`train.base_kl_every = n` keeps only the prompt positions in columns 0, n, 2n, ... of each item: a
-sparser sample of the same average (the KL is a mean over P), for ~1/n of the LM head and KL work in
-the setup pass and in each step. The body's forward in the setup pass stays whole: position t's
-hidden state needs every token before it.
+`train.base_kl_every = n` keeps one prompt position in n — the columns t ≡ phase (mod n) of each item,
+its phase drawn from its own tokens (`anchored_positions`) — a sparser sample of the same mean, for
+~1/n of the LM head and KL work in the setup pass and in each step. The body's forward in the setup
+pass stays whole: position t's hidden state needs every token before it.
 """
 
 from __future__ import annotations
@@ -69,10 +69,17 @@ class AnchoredBatch(NamedTuple):
 
 
 def anchored_positions(batch: Batch | AnchoredBatch, pad_id: int, every: int = 1) -> Tensor:
-    """(B, T) bool: the real tokens whose next token SFT takes no loss on (the prompts), in the
-    columns t with t % every == 0 (an item's columns do not depend on its batch: rows are right-padded)."""
+    """(B, T) bool: the real tokens whose next token SFT takes no loss on (the prompts); with every = n,
+    only those in columns t ≡ phase (mod n), each row's phase the sum of its tokens mod n — so a chat
+    template's fixed positions (the system prompt's first token, say) are not kept in every row or
+    none, and a row has the same phase whatever batch it is in (rows are right-padded)."""
+    real = batch.input_ids != pad_id
+    prompts = (batch.labels == IGNORE_INDEX) & real
+    if every == 1:
+        return prompts
+    phase = (batch.input_ids * real).sum(-1, keepdim=True) % every
     columns = torch.arange(batch.labels.shape[1], device=batch.labels.device)
-    return (batch.labels == IGNORE_INDEX) & (batch.input_ids != pad_id) & (columns % every == 0)
+    return prompts & (columns % every == phase)
 
 
 @torch.no_grad()
@@ -118,7 +125,7 @@ class BaseKL(Objective):
         if ranks().is_main:
             positions, size = sum(len(d.rest) for d in found), sum(t.nbytes for d in found for t in d)
             k = min(cfg.base_kl_top_k, model.head_weight.shape[0])
-            sampled = f" (columns 0, {self.every}, {2 * self.every}, ...)" if self.every > 1 else ""
+            sampled = f" (one in {self.every})" if self.every > 1 else ""
             print(
                 f"{label}: the base's next-token distributions at {positions:,} prompt positions{sampled}, top {k} "
                 f"each ({size / 2**20:.1f} MiB), in {self.seconds:.1f} s"

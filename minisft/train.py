@@ -77,8 +77,8 @@ class TrainConfig:
     # The base's distributions are kept as their k likeliest tokens plus the rest's mass, computed once
     # before the first step: 8k + 4 bytes per prompt token, in CPU memory (the vocabulary size: exact).
     base_kl_top_k: int = 64
-    # Pull on every n-th prompt position only (column t of an item with t % n == 0): the base's pass
-    # and each step's pull cost ~1/n as much in their LM head and KL; the body's forward stays.
+    # Pull on one prompt position in n (each item's columns t ≡ its phase mod n): the base's pass and
+    # each step's pull cost ~1/n as much in their LM head and KL; the body's forward stays.
     base_kl_every: int = 1
 
     def __post_init__(self) -> None:

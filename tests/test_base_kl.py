@@ -123,10 +123,13 @@ def test_anchored_positions_are_the_prompts_real_tokens():
         expected += [False] * (batch.input_ids.shape[1] - len(example.input_ids))  # the pads
         assert positions[row].tolist() == expected
     assert 0 < int(positions.sum()) < int((batch.labels == IGNORE_INDEX).sum())
-    every_third = anchored_positions(batch, pad_id=0, every=3)  # train.base_kl_every: columns 0, 3, 6, ...
-    for row in range(3):
-        expected = [t for t in range(0, positions.shape[1], 3) if positions[row, t]]
+    # train.base_kl_every = 3: one prompt position in 3, from column (the sum of the row's tokens) mod 3
+    every_third = anchored_positions(batch, pad_id=0, every=3)
+    for row, example in enumerate(EXAMPLES[:3]):
+        phase = sum(example.input_ids) % 3
+        expected = [t for t in range(phase, positions.shape[1], 3) if positions[row, t]]
         assert every_third[row].nonzero()[:, 0].tolist() == expected
+    assert len({sum(e.input_ids) % 3 for e in EXAMPLES[:3]}) > 1  # the rows' phases differ
 
 
 def pulled(
@@ -192,7 +195,8 @@ def test_the_objective_equals_sft_plus_weight_times_mean_kl_on_full_logits(lora,
     grads = torch.autograd.grad(loss, trained)
 
     positions = (batch.labels == IGNORE_INDEX) & (batch.input_ids != 0)
-    positions &= torch.arange(positions.shape[1]) % every == 0
+    phases = torch.tensor([sum(item.input_ids) % every for item in EXAMPLES])[:, None]  # pads are 0
+    positions &= torch.arange(positions.shape[1]) % every == phases
     logits = model.logits(model(batch.input_ids))
     with torch.no_grad():
         base_logits = base.logits(base(batch.input_ids))
