@@ -53,14 +53,20 @@ def pick_backends(config: RunConfig, device: torch.device) -> Backends:
     return Backends(attention=pick(config.attention), loss=pick(config.loss))
 
 
-def check_triton_head_dim(head_dim: int) -> None:
-    """Refuse, before any data is read, a head too wide for the Triton attention's tiles."""
+def fit_attention(model: Transformer, config: RunConfig) -> None:
+    """A head too wide for the Triton attention's tiles: with kernels "auto" the model takes PyTorch's
+    attention instead, and says so; attention = "triton" asked for is refused, before any data is read."""
+    if model.backends.attention != "triton":
+        return
     from triton_kernels.attention import check_head_dim  # imported on use: triton is heavy
 
     try:
-        check_head_dim(head_dim)
+        check_head_dim(config.model.head_dim)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        if (config.attention or config.kernels) != "auto":
+            raise ConfigError(str(err)) from None
+        model.backends = replace(model.backends, attention="torch")
+        print(f"{err.args[0].split(':')[0]}: attention=torch (kernels = 'auto')")
 
 
 def chat_format(name: str, tokenizer: Tokenizer, train_on: str) -> ChatFormat:
@@ -146,8 +152,7 @@ def train(*, config: RunConfig, resume: bool = False, overwrite: bool = False) -
             config = replace(config, lora=attach_lora(model, config.lora, find_model_folder(config.init)))
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             print(f"LoRA r={config.lora.r} on {config.lora.targets}: {trained:,} parameters train")
-        if backends.attention == "triton":
-            check_triton_head_dim(config.model.head_dim)
+        fit_attention(model, config)
         model = model.to(device)
 
         # 3. The data: conversations, or preference pairs for DPO.

@@ -166,6 +166,25 @@ def test_unsupported_inputs_are_clear_errors():
         attention(q, k.half(), v)
 
 
+def test_kernels_auto_takes_pytorch_attention_for_a_head_too_wide(capsys):
+    """On CUDA "auto" picks the Triton kernels; a 256-wide head then runs PyTorch's attention instead,
+    said in one line, where attention = "triton" asked for outright is refused."""
+    from minisft.config import load_config
+    from minisft.errors import ConfigError
+    from minisft.model import Backends, Transformer
+    from minisft.recipe import fit_attention
+
+    shape = ["--model.dim", "256", "--model.n_heads", "1", "--model.n_kv_heads", "1", "--model.n_layers", "1"]
+    config = load_config(None, shape)
+    model = Transformer(config.model, Backends("triton", "triton"))  # what "auto" picks on CUDA
+    fit_attention(model, config)
+    assert model.backends == Backends("torch", "triton")
+    assert "head dim 256 is over the Triton attention's 128: attention=torch" in capsys.readouterr().out
+    asked = load_config(None, [*shape, "--attention", "triton"])
+    with pytest.raises(ConfigError, match="head dim 256 is over the Triton attention's 128"):
+        fit_attention(Transformer(asked.model, Backends("triton", "triton")), asked)
+
+
 def test_train_refuses_a_head_too_wide_for_the_triton_attention(tmp_path, capsys):
     """attention = "triton" on a model with 256-wide heads: one line naming the fix, before any step."""
     from test_resume import write_train_files
