@@ -251,3 +251,19 @@ def test_measuring_the_cpu_peak_leaves_the_random_stream_of_dropout_alone():
     torch.manual_seed(0)
     measured_cpu_peak.__wrapped__(1, size=64, repeats=1)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_weights_read_from_a_hugging_face_folder_own_their_memory(tmp_path):
+    """Tensors read from model.safetensors are copied out of the file's mapping: views of it (storages
+    over memory torch does not own, so not resizable) kept the file's pages resident while any weight
+    lived, and a bf16 LoRA base, which replaces the fp32 projections, cost 0.2 GB more than fp32 on
+    SmolLM2 instead of 0.2 GB less (0.99 vs 0.80 GB resident after attaching, now 0.70)."""
+    from minisft.hf import export_hf
+    from minisft.pretrained import SavedModel
+    from minisft.tokenizer import Tokenizer
+
+    export_hf(tmp_path / "base", tiny_model(vocab_size=320), Tokenizer.train_bpe(["user text"] * 4, 300), "chatml")
+    model, _ = SavedModel(tmp_path / "base").load()
+    assert all(p.untyped_storage().resizable() for p in model.parameters())
+    apply_lora(model, LoRAConfig(r=4, base_dtype="bf16"))
+    assert {layer.weight.dtype for layer in lora_layers(model).values()} == {torch.bfloat16}
