@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from triton_kernels.attention import attention, attention_reference
 from triton_kernels.documents import document_spans
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+from helpers import ON_GPU
+
 DEVICE = "cuda" if ON_GPU else "cpu"
 pytestmark = pytest.mark.skipif(
     not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1",

@@ -23,7 +23,8 @@ from triton_kernels.cross_entropy import (
     linear_log_probs_reference,
 )
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+from helpers import ON_GPU
+
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU with TRITON_INTERPRET unset")
 DEVICE = "cuda" if ON_GPU else "cpu"  # the small-shape tests run compiled kernels too where a GPU is
 pytestmark = pytest.mark.skipif(
